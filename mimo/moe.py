@@ -1,0 +1,105 @@
+"""The MoE half of a MiMo-V2-Flash layer: the sigmoid `noaux_tc` router and stacked SwiGLU experts.
+
+The router runs where attention runs; `Experts` may hold only a subset of a layer's experts (an
+expert shard) and then returns the weighted sum over the experts it holds, so shards' partial
+outputs add up to the full layer output. Expert weights are stacked per layer: gate/up
+[E_local, I, H], down [E_local, H, I].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimo.config import MiMoConfig
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Per token: chosen expert ids [N, k] (global ids) and their combine weights [N, k] (fp32)."""
+
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+
+
+class Router(nn.Module):
+    """logits = h @ W.T in fp32; top-k of sigmoid + correction bias; weights = unbiased sigmoid."""
+
+    def __init__(self, config: MiMoConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.num_experts, config.hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(config.num_experts, dtype=torch.float32), requires_grad=False
+        )
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        # x [N, H] -> Routing over N tokens
+        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        ids = torch.topk(scores + self.e_score_correction_bias.float(), self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(ids, weights * self.scaling)
+
+
+class Experts(nn.Module):
+    """SwiGLU experts of one layer; `expert_ids` lists the global ids held here, in storage order."""
+
+    def __init__(self, config: MiMoConfig, expert_ids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        ids = list(range(config.num_experts)) if expert_ids is None else list(expert_ids)
+        h, inter = config.hidden_size, config.moe_intermediate_size
+        self.expert_ids = tuple(ids)
+        self.gate_proj = nn.Parameter(torch.empty(len(ids), inter, h))
+        self.up_proj = nn.Parameter(torch.empty(len(ids), inter, h))
+        self.down_proj = nn.Parameter(torch.empty(len(ids), h, inter))
+        # global expert id -> local slot (-1: not held); on the CPU even when built on meta.
+        local = torch.full((config.num_experts,), -1, dtype=torch.long, device="cpu")
+        local[torch.tensor(ids, dtype=torch.long, device="cpu")] = torch.arange(len(ids), device="cpu")
+        self.local_index: torch.Tensor
+        self.register_buffer("local_index", local, persistent=False)
+
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """x [N, H] -> [N, H]: sum over the token's chosen experts held here of weight * expert(x)."""
+        num_tokens, top_k = routing.expert_ids.shape
+        local = self.local_index[routing.expert_ids].reshape(-1)  # [N*k], -1 where not held here
+        held = (local >= 0).nonzero().squeeze(1)
+        out = torch.zeros_like(x)
+        if held.numel() == 0:
+            return out
+        local_held = local[held]
+        order = torch.argsort(local_held, stable=True)
+        slots = held[order]  # flat (token, k) slots grouped by local expert
+        counts = torch.bincount(local_held, minlength=len(self.expert_ids)).tolist()
+        tokens = slots // top_k
+        rows = x[tokens]
+        weights = routing.weights.reshape(-1)[slots].to(x.dtype)
+        pieces = []
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            seg = rows[start : start + count]
+            act = F.silu(seg @ self.gate_proj[e].T) * (seg @ self.up_proj[e].T)
+            pieces.append(act @ self.down_proj[e].T)
+            start += count
+        expert_out = torch.cat(pieces) * weights[:, None]
+        return out.index_add(0, tokens, expert_out)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: MiMoConfig) -> None:
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return self.experts(flat, self.gate(flat)).view_as(x)

@@ -1,0 +1,172 @@
+"""Hub tensor names <-> model parameters, and loading a model (or only part of it) from a checkpoint.
+
+The hub stores one tensor per expert (`model.layers.N.mlp.experts.E.gate_proj.weight`); the model
+stacks a layer's experts into one [E, I, H] parameter. Everything else has the same name on both
+sides. Callers choose what to load: the dense part, all experts, or given (layer, expert) pairs,
+so an expert shard reads only its own bytes from the memory-mapped files.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from mimo.checkpoint import CheckpointReader, validate_names_and_shapes
+from mimo.config import MiMoConfig
+from mimo.model import MiMoForCausalLM, cast_model
+
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+
+def expert_tensor_name(layer: int, expert: int, proj: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+def parse_expert_name(name: str) -> tuple[int, int, str] | None:
+    """(layer, expert, proj) for a hub expert tensor name, else None."""
+    m = _EXPERT_RE.match(name)
+    return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+
+
+def hub_shapes(config: MiMoConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a complete hub checkpoint with its logical shape."""
+    with torch.device("meta"):
+        model = MiMoForCausalLM(config)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            layer = int(name.split(".")[2])
+            proj = name.rsplit(".", 1)[1]
+            for e in range(config.num_experts):
+                shapes[expert_tensor_name(layer, e, proj)] = tuple(param.shape[1:])
+        else:
+            shapes[name] = tuple(param.shape)
+    return shapes
+
+
+def is_fp32_tensor(name: str) -> bool:
+    """Router weight and correction bias stay fp32 whatever the model dtype."""
+    return name.endswith(_FP32_SUFFIXES)
+
+
+def hub_state_from_model(model: MiMoForCausalLM) -> dict[str, torch.Tensor]:
+    """The model's parameters under hub names (experts unstacked), e.g. to write a checkpoint."""
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.state_dict().items():
+        if ".mlp.experts." in name:
+            layer = int(name.split(".")[2])
+            proj = name.rsplit(".", 1)[1]
+            experts_mod = model.model.layers[layer].mlp.experts  # type: ignore[union-attr]
+            for local, e in enumerate(experts_mod.expert_ids):
+                out[expert_tensor_name(layer, e, proj)] = param[local].contiguous()
+        else:
+            out[name] = param
+    return out
+
+
+def select_names(
+    config: MiMoConfig,
+    *,
+    dense: bool = True,
+    mtp: bool = True,
+    experts: Iterable[tuple[int, int]] | str = "all",
+) -> list[str]:
+    """Hub names to load: the dense part (with or without MTP) and `experts`: "all", "none" or
+    explicit (layer, expert) pairs."""
+    names = []
+    for name in hub_shapes(config):
+        parsed = parse_expert_name(name)
+        if parsed is None:
+            if dense and (mtp or not name.startswith("model.mtp.")):
+                names.append(name)
+    if experts == "all":
+        pairs: Iterable[tuple[int, int]] = (
+            (layer, e) for layer in range(config.num_hidden_layers) if config.is_moe_layer[layer]
+            for e in range(config.num_experts)
+        )
+    elif experts == "none":
+        pairs = ()
+    elif isinstance(experts, str):
+        raise ValueError(f"experts must be 'all', 'none' or (layer, expert) pairs, got {experts!r}")
+    else:
+        pairs = experts
+    for layer, e in pairs:
+        if not (0 <= layer < config.num_hidden_layers and config.is_moe_layer[layer]):
+            raise ValueError(f"layer {layer} is not an MoE layer")
+        if not 0 <= e < config.num_experts:
+            raise ValueError(f"expert {e} out of range [0, {config.num_experts})")
+        names.extend(expert_tensor_name(layer, e, p) for p in EXPERT_PROJS)
+    return names
+
+
+def load_tensors(
+    reader: CheckpointReader, names: list[str], dtype: torch.dtype, device: str | torch.device, progress: bool
+) -> dict[str, torch.Tensor]:
+    fp32 = [n for n in names if is_fp32_tensor(n)]
+    rest = [n for n in names if not is_fp32_tensor(n)]
+    tensors = reader.load(rest, dtype=dtype, device=device, progress=progress)
+    tensors.update(reader.load(fp32, dtype=torch.float32, device=device, progress=False))
+    return tensors
+
+
+def stack_experts(config: MiMoConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hub tensors -> model state: per-expert tensors stacked per (layer, proj) in expert-id order."""
+    state: dict[str, torch.Tensor] = {}
+    grouped: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
+    for name, t in tensors.items():
+        parsed = parse_expert_name(name)
+        if parsed is None:
+            state[name] = t
+        else:
+            layer, e, proj = parsed
+            grouped.setdefault((layer, proj), []).append((e, t))
+    for (layer, proj), items in grouped.items():
+        items.sort(key=lambda it: it[0])
+        state[f"model.layers.{layer}.mlp.experts.{proj}"] = torch.stack([t for _, t in items])
+    return state
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    experts: str = "all",
+    mtp: bool = True,
+    progress: bool = False,
+    config: MiMoConfig | None = None,
+) -> MiMoForCausalLM:
+    """Builds the model on the meta device and fills it from the checkpoint without a copy.
+
+    experts="none" leaves expert weights unloaded (on meta): the attention replica's view, whose
+    MoE layers dispatch to expert shards instead. mtp=False skips the MTP blocks' weights.
+    """
+    root = Path(path)
+    cfg = config or MiMoConfig.from_file(root)
+    reader = CheckpointReader(root, quantization_config=_quant_dict(cfg))
+    validate_names_and_shapes(reader, hub_shapes(cfg))
+    with torch.device("meta"):
+        model = MiMoForCausalLM(cfg)
+    names = select_names(cfg, mtp=mtp, experts=experts)
+    state = stack_experts(cfg, load_tensors(reader, names, dtype, device, progress))
+    model.load_state_dict(state, strict=False, assign=True)
+    cast_model(model, dtype)
+    model.eval()
+    return model
+
+
+def _quant_dict(config: MiMoConfig) -> dict[str, object] | None:
+    q = config.quantization
+    if q is None:
+        return None
+    return {
+        "quant_method": q.quant_method,
+        "fmt": q.fmt,
+        "weight_block_size": list(q.weight_block_size),
+        "ignored_layers": sorted(q.ignored_layers),
+    }
