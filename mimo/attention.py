@@ -50,7 +50,9 @@ class Attention(nn.Module):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
     ) -> torch.Tensor:
-        return attend(q, k, v, q_pos, k_pos, scale=self.scale, window=self.shape.window, sinks=self.attention_sink_bias)
+        return attend(
+            q, k, v, q_pos, k_pos, scale=self.scale, window=self.shape.window, sinks=self.attention_sink_bias
+        )
 
 
 def attend(
@@ -105,7 +107,9 @@ def _attend_chunk(
     visible = delta >= 0
     if window is not None:
         visible = visible & (delta <= window)
-    mask = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill(~visible, float("-inf"))
+    mask = torch.zeros(visible.shape, dtype=torch.float32, device=q.device).masked_fill(
+        ~visible, float("-inf")
+    )
     if sinks is not None:
         # The sink is one extra key whose score is s_h for every query and whose value is zero:
         # a zero key plus an additive mask column of s_h gives exactly exp(s_h) in the denominator.

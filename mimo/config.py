@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
         self.field = field
 
 
-class LayerType(str, Enum):
+class LayerType(StrEnum):
     FULL = "full_attention"
     SLIDING = "sliding_attention"
 
@@ -115,75 +115,6 @@ class MiMoConfig:
     @staticmethod
     def from_hub_dict(raw: Mapping[str, Any]) -> MiMoConfig:
         return _parse(_Fields(raw))
-
-    def to_hub_dict(self) -> dict[str, Any]:
-        """The hub config.json, also carrying transformers' names so both read the same model."""
-        full, swa = self.full_attention, self.sliding_attention
-        out: dict[str, Any] = {
-            "architectures": ["MiMoV2FlashForCausalLM"],
-            "model_type": MODEL_TYPE,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "intermediate_size": self.intermediate_size,
-            "moe_intermediate_size": self.moe_intermediate_size,
-            "num_attention_heads": full.num_q_heads,
-            "num_key_value_heads": full.num_kv_heads,
-            "head_dim": full.qk_head_dim,
-            "v_head_dim": full.v_head_dim,
-            "swa_num_attention_heads": swa.num_q_heads,
-            "swa_num_key_value_heads": swa.num_kv_heads,
-            "swa_head_dim": swa.qk_head_dim,
-            "swa_v_head_dim": swa.v_head_dim,
-            "hidden_act": "silu",
-            "max_position_embeddings": self.max_position_embeddings,
-            "layernorm_epsilon": self.rms_norm_eps,
-            "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": False,
-            "rope_theta": full.rope_theta,
-            "swa_rope_theta": swa.rope_theta,
-            "partial_rotary_factor": self.partial_rotary_factor,
-            "rope_parameters": {
-                t.value: {
-                    "rope_type": "default",
-                    "rope_theta": self.attention_for_type(t).rope_theta,
-                    "partial_rotary_factor": self.partial_rotary_factor,
-                }
-                for t in LayerType
-            },
-            "attention_bias": False,
-            "attention_value_scale": self.attention_value_scale,
-            "add_full_attention_sink_bias": full.has_sink,
-            "add_swa_attention_sink_bias": swa.has_sink,
-            "sliding_window": self.sliding_window_size,
-            "sliding_window_size": self.sliding_window_size,
-            "hybrid_layer_pattern": [0 if t is LayerType.FULL else 1 for t in self.layer_types],
-            "layer_types": [t.value for t in self.layer_types],
-            "moe_layer_freq": [int(m) for m in self.is_moe_layer],
-            "mlp_layer_types": ["sparse" if m else "dense" for m in self.is_moe_layer],
-            "n_routed_experts": self.num_experts,
-            "n_shared_experts": None,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "scoring_func": "sigmoid",
-            "topk_method": "noaux_tc",
-            "n_group": self.n_group,
-            "topk_group": self.topk_group,
-            "norm_topk_prob": self.norm_topk_prob,
-            "routed_scaling_factor": self.routed_scaling_factor,
-            "num_nextn_predict_layers": self.num_mtp_layers,
-            "torch_dtype": self.torch_dtype,
-            "eos_token_id": list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0],
-        }
-        if self.quantization is not None:
-            q = self.quantization
-            out["quantization_config"] = {
-                "quant_method": q.quant_method,
-                "fmt": q.fmt,
-                "activation_scheme": "dynamic",
-                "weight_block_size": list(q.weight_block_size),
-                "ignored_layers": sorted(q.ignored_layers),
-            }
-        return out
 
     def attention_for_type(self, layer_type: LayerType) -> AttentionShape:
         return self.full_attention if layer_type is LayerType.FULL else self.sliding_attention
@@ -418,12 +349,16 @@ def _quantization(f: _Fields) -> QuantizationConfig | None:
     if not isinstance(raw, Mapping):
         raise ConfigError("quantization_config", "must be an object")
     if raw.get("quant_method") != "fp8":
-        raise ConfigError("quantization_config.quant_method", f"only 'fp8' is supported, got {raw.get('quant_method')!r}")
+        raise ConfigError(
+            "quantization_config.quant_method", f"only 'fp8' is supported, got {raw.get('quant_method')!r}"
+        )
     if raw.get("fmt", "e4m3") != "e4m3":
         raise ConfigError("quantization_config.fmt", f"only 'e4m3' is supported, got {raw.get('fmt')!r}")
     block = raw.get("weight_block_size", [128, 128])
     if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-        raise ConfigError("quantization_config.weight_block_size", f"must be two positive ints, got {block!r}")
+        raise ConfigError(
+            "quantization_config.weight_block_size", f"must be two positive ints, got {block!r}"
+        )
     ignored = raw.get("ignored_layers", [])
     if not isinstance(ignored, list) or not all(isinstance(x, str) for x in ignored):
         raise ConfigError("quantization_config.ignored_layers", "must be a list of module names")

@@ -53,7 +53,8 @@ class KVCache:
     @staticmethod
     def empty(config: MiMoConfig) -> KVCache:
         return KVCache(
-            [LayerKV() for _ in range(config.num_hidden_layers)], [LayerKV() for _ in range(config.num_mtp_layers)]
+            [LayerKV() for _ in range(config.num_hidden_layers)],
+            [LayerKV() for _ in range(config.num_mtp_layers)],
         )
 
     @property
@@ -80,7 +81,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, config.attention(layer_idx))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: MoE | DenseMLP = (
-            MoE(config) if config.is_moe_layer[layer_idx] else DenseMLP(config.hidden_size, config.intermediate_size)
+            MoE(config)
+            if config.is_moe_layer[layer_idx]
+            else DenseMLP(config.hidden_size, config.intermediate_size)
         )
 
     def attention_half(
@@ -90,7 +93,9 @@ class DecoderLayer(nn.Module):
         h = h + _attend_with_cache(self.self_attn, self.input_layernorm(h), rope, positions, kv)
         return h, self.post_attention_layernorm(h)
 
-    def forward(self, h: torch.Tensor, rope: Rope, positions: torch.Tensor, kv: LayerKV | None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, rope: Rope, positions: torch.Tensor, kv: LayerKV | None
+    ) -> torch.Tensor:
         h, x = self.attention_half(h, rope, positions, kv)
         return h + self.mlp(x)
 
@@ -133,7 +138,10 @@ class MiMoModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mtp = MTPStack(config)
         self.rope = nn.ModuleDict(
-            {t.value: RotaryEmbedding(config.rotary_dim, config.attention_for_type(t).rope_theta) for t in LayerType}
+            {
+                t.value: RotaryEmbedding(config.rotary_dim, config.attention_for_type(t).rope_theta)
+                for t in LayerType
+            }
         )
 
 

@@ -68,7 +68,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N, H] -> [N, H]: sum over the token's chosen experts held here of weight * expert(x)."""
-        num_tokens, top_k = routing.expert_ids.shape
+        _num_tokens, top_k = routing.expert_ids.shape
         local = self.local_index[routing.expert_ids].reshape(-1)  # [N*k], -1 where not held here
         held = (local >= 0).nonzero().squeeze(1)
         out = torch.zeros_like(x)

@@ -93,7 +93,9 @@ def kv_tokens_kept(config: MiMoConfig, layer_type: LayerType, num_tokens: int) -
     return min(num_tokens, config.sliding_window_size + 1)
 
 
-def kv_bytes_for_sequence(config: MiMoConfig, num_tokens: int, *, hybrid: bool = True, dtype_bytes: int = 2) -> int:
+def kv_bytes_for_sequence(
+    config: MiMoConfig, num_tokens: int, *, hybrid: bool = True, dtype_bytes: int = 2
+) -> int:
     """KV bytes of one sequence over the main layers (MTP layers excluded).
 
     hybrid=False prices the same model as if every layer were global attention with the GA head

@@ -17,6 +17,7 @@ import torch
 from mimo.checkpoint import CheckpointReader, validate_names_and_shapes
 from mimo.config import MiMoConfig
 from mimo.model import MiMoForCausalLM, cast_model
+from mimo.moe import Experts
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -61,7 +62,8 @@ def hub_state_from_model(model: MiMoForCausalLM) -> dict[str, torch.Tensor]:
         if ".mlp.experts." in name:
             layer = int(name.split(".")[2])
             proj = name.rsplit(".", 1)[1]
-            experts_mod = model.model.layers[layer].mlp.experts  # type: ignore[union-attr]
+            experts_mod = model.get_submodule(name.rsplit(".", 1)[0])
+            assert isinstance(experts_mod, Experts)
             for local, e in enumerate(experts_mod.expert_ids):
                 out[expert_tensor_name(layer, e, proj)] = param[local].contiguous()
         else:
@@ -81,12 +83,13 @@ def select_names(
     names = []
     for name in hub_shapes(config):
         parsed = parse_expert_name(name)
-        if parsed is None:
-            if dense and (mtp or not name.startswith("model.mtp.")):
-                names.append(name)
+        if parsed is None and dense and (mtp or not name.startswith("model.mtp.")):
+            names.append(name)
     if experts == "all":
         pairs: Iterable[tuple[int, int]] = (
-            (layer, e) for layer in range(config.num_hidden_layers) if config.is_moe_layer[layer]
+            (layer, e)
+            for layer in range(config.num_hidden_layers)
+            if config.is_moe_layer[layer]
             for e in range(config.num_experts)
         )
     elif experts == "none":

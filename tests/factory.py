@@ -15,6 +15,7 @@ import torch
 
 from mimo.checkpoint import write_checkpoint
 from mimo.config import MiMoConfig
+from mimo.config_export import to_hub_dict
 from mimo.model import MiMoForCausalLM
 from mimo.weights import hub_state_from_model
 
@@ -94,5 +95,5 @@ def write_random_checkpoint(
     if shard_for is not None:
         kwargs["shard_for"] = shard_for
     write_checkpoint(path, state, **kwargs)
-    (path / "config.json").write_text(json.dumps(config.to_hub_dict(), indent=2))
+    (path / "config.json").write_text(json.dumps(to_hub_dict(config), indent=2))
     return model

@@ -1,0 +1,1 @@
+"""Composition root: the cluster spec, the Serve application, placement, autoscaling and the CLI."""

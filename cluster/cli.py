@@ -1,0 +1,103 @@
+"""The `mimo` command line: `generate` and `inspect` (serving commands join as they land).
+
+Each subcommand parses its arguments, calls one library function and prints text or JSON; errors
+in the user's input end with a one-line message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cluster.inspect_report import inspect_report, render_text
+
+EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-tiny"
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from mimo.generate import SamplingParams, generate
+    from mimo.tokenizer import Tokenizer
+    from mimo.weights import load_model
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = load_model(args.model, dtype=dtype, progress=False)
+    tokenizer = Tokenizer.from_dir(args.model)
+    if args.chat:
+        prompt_ids = tokenizer.encode_chat(
+            [{"role": "user", "content": args.prompt}], enable_thinking=args.thinking
+        )
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    params = SamplingParams(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=tokenizer.eos_token_ids if args.chat else (),
+    )
+    result = generate(model, prompt_ids, params)
+    text = tokenizer.decode(result.token_ids)
+    if args.json:
+        record = {
+            "prompt_token_ids": result.prompt_token_ids,
+            "token_ids": result.token_ids,
+            "text": text,
+            "finish_reason": result.finish_reason,
+            "elapsed_s": round(result.elapsed_s, 4),
+        }
+        print(json.dumps(record))
+    else:
+        print(text)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from mimo.config import MiMoConfig
+
+    report = inspect_report(MiMoConfig.from_file(args.path), args.context)
+    print(json.dumps(report, indent=2) if args.json else render_text(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mimo", description="MiMo-V2-Flash serving cluster")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text with the plain loop on one checkpoint")
+    gen.add_argument("--model", type=Path, default=EMBEDDED_MODEL, help="checkpoint directory (hub format)")
+    gen.add_argument("--prompt", required=True, help="prompt text (a user message with --chat)")
+    gen.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
+    gen.add_argument("--thinking", action="store_true", help="with --chat: enable_thinking=true")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--json", action="store_true", help="print one JSON line with token ids and timing")
+    gen.set_defaults(func=_generate)
+
+    ins = sub.add_parser("inspect", help="layers, parameters and KV sizes of a checkpoint or config.json")
+    ins.add_argument("path", type=Path, help="checkpoint directory or config.json")
+    ins.add_argument("--context", type=int, default=262144, help="sequence length for the KV figures")
+    ins.add_argument("--json", action="store_true")
+    ins.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mimo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

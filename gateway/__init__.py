@@ -1,0 +1,1 @@
+"""OpenAI-compatible gateway: schemas, chat rendering, reasoning and tool-call parsing, streaming."""

@@ -1,0 +1,213 @@
+"""The attention-replica engine: requests in, token chunks out, one scheduler step at a time.
+
+`Engine` is synchronous and single-threaded (schedule -> run -> update -> detokenize -> stop
+strings); `replicas/async_engine.py` drives it from a background thread for the serving layer, and
+`generate` runs a batch offline for benchmarks. Bad requests are rejected at `add` with the field
+at fault; a failure while serving one request ends that request with an error, never the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from mimo.model import MiMoForCausalLM
+from mimo.tokenizer import IncrementalDetokenizer, Tokenizer
+from replicas.engine_config import EngineConfig, build_layout
+from replicas.kv_cache import KVCacheManager
+from replicas.requests import EngineRequest, FinishReason, RequestUpdate
+from replicas.runner import ModelRunner, TokenLogprobs
+from replicas.sampler import RowState
+from replicas.sampling_params import InvalidSamplingParameter, SamplingParams
+from replicas.scheduler import Scheduler, SchedulerConfig
+from replicas.stop_strings import StopStringMatcher
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses; `field` names the parameter at fault (OpenAI error style)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    params: SamplingParams
+    salt: str | None = None  # prefix-cache tenant
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """New output of one request: token ids, their text, and on the last chunk a finish reason."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None  # on the last chunk
+    logprobs: TokenLogprobs | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Live:
+    """Engine-side state of one request."""
+
+    request: GenerateRequest
+    row: RowState
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    num_prompt: int
+    num_cached: int = 0
+    token_ids: list[int] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, model: MiMoForCausalLM, tokenizer: Tokenizer, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model_config = model.config
+        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings)  # fmt: skip
+        layout = build_layout(model.config, config)
+        self.kv_cache = KVCacheManager(layout, enable_prefix_cache=config.enable_prefix_cache)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_prefill_chunk=config.max_prefill_chunk,
+                block_size=config.block_size,
+                max_model_len=self.max_model_len,
+                num_lookahead_tokens=config.num_mtp_drafts,
+            ),
+            self.kv_cache,
+        )
+        self.runner = ModelRunner(model, layout, config.num_mtp_drafts)
+        self.device = self.runner.paged.device
+        self._live: dict[str, _Live] = {}
+        self.stats = {"drafted_tokens": 0, "accepted_draft_tokens": 0, "steps": 0}
+
+    # -- requests ---------------------------------------------------------------------------
+    def add(self, request: GenerateRequest) -> None:
+        self._validate(request)
+        p = request.params
+        eos = self.tokenizer.eos_token_ids
+        stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos))
+        self.scheduler.add(
+            EngineRequest(
+                request_id=request.request_id,
+                prompt_token_ids=tuple(request.prompt_token_ids),
+                max_tokens=p.max_tokens,
+                stop_token_ids=frozenset(stop_ids),
+                priority=request.priority,
+                salt=request.salt,
+            )
+        )
+        self._live[request.request_id] = _Live(
+            request=request,
+            row=RowState.create(p, request.prompt_token_ids, eos, self.device),
+            detok=IncrementalDetokenizer(self.tokenizer),
+            stops=StopStringMatcher(p.stop),
+            num_prompt=len(request.prompt_token_ids),
+        )
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self._live:
+            self.scheduler.abort(request_id)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _validate(self, request: GenerateRequest) -> None:
+        if request.request_id in self._live:
+            raise InvalidRequest("request_id", f"request_id {request.request_id!r} is already running")
+        ids = request.prompt_token_ids
+        if len(ids) == 0:
+            raise InvalidRequest("prompt", "prompt is empty: at least one token is needed")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequest(
+                "prompt",
+                f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len} tokens",
+            )
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequest("prompt", f"prompt token ids must be in [0, {vocab})")
+        try:
+            request.params.validate(vocab)
+        except InvalidSamplingParameter as e:
+            raise InvalidRequest(e.field, str(e)) from None
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[Chunk]:
+        plan = self.scheduler.schedule()
+        rows = {s.request_id: self._live[s.request_id].row for s in plan.scheduled}
+        tokens = {s.request_id: self.scheduler.token_ids(s.request_id) for s in plan.scheduled}
+        try:
+            output = self.runner.execute(plan, rows, tokens)
+        except Exception as e:  # a failed forward fails its requests, not the engine
+            updates = self.scheduler.fail_step(plan, f"engine step failed: {type(e).__name__}: {e}")
+            return [c for u in updates if (c := self._on_update(u, None)) is not None]
+        for s in plan.scheduled:
+            self.stats["drafted_tokens"] += len(s.draft_token_ids)
+        self.stats["steps"] += 1
+        extras = {o.request_id: o.extras for o in output.seqs}
+        chunks = []
+        for update in self.scheduler.update(plan, output):
+            chunk = self._on_update(update, extras.get(update.request_id))
+            if chunk is not None:
+                chunks.append(chunk)
+        for s, o in zip(plan.scheduled, output.seqs, strict=True):
+            if s.draft_token_ids and o.sampled_token_ids:
+                self.stats["accepted_draft_tokens"] += len(o.sampled_token_ids) - 1
+        return chunks
+
+    def _on_update(self, update: RequestUpdate, extras: object) -> Chunk | None:
+        live = self._live.get(update.request_id)
+        if live is None:
+            return None
+        live.num_cached = update.num_cached_tokens
+        new_ids = update.new_token_ids
+        live.row.output_token_ids.extend(new_ids)
+        live.token_ids.extend(new_ids)
+        text = "".join(live.detok.push(t) for t in new_ids)
+        emitted, stopped = live.stops.push(text)
+        finish = update.finish_reason
+        if stopped and finish is None:
+            self.scheduler.abort(update.request_id)
+            finish = "stop"
+        if finish is not None and not stopped:
+            emitted += live.stops.push(live.detok.flush())[0] + live.stops.flush()
+        if not new_ids and finish is None:
+            return None
+        logprobs = extras if isinstance(extras, TokenLogprobs) else None
+        usage = None
+        if finish is not None:
+            del self._live[update.request_id]
+            usage = Usage(live.num_prompt, len(live.token_ids), live.num_cached)
+        return Chunk(update.request_id, new_ids, emitted, finish, usage, logprobs, update.error)
+
+    # -- offline ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerateRequest]) -> dict[str, list[Chunk]]:
+        """Runs the requests to completion; returns each request's chunks in order."""
+        out: dict[str, list[Chunk]] = {}
+        for r in requests:
+            self.add(r)
+            out[r.request_id] = []
+        while self.has_work():
+            for chunk in self.step():
+                out[chunk.request_id].append(chunk)
+        return out

@@ -1,0 +1,57 @@
+"""Engine settings and the KV layout they imply for a given model.
+
+The KV budget is in bytes (what an operator knows); block counts per pool follow from the model's
+bytes per block in each pool: GA layers in one pool, SWA layers plus the MTP blocks in the other.
+MTP drafting lags by up to `num_mtp_drafts` slots, so SWA blocks are kept that much longer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mimo.config import LayerType, MiMoConfig
+from mimo.sizes import kv_bytes_per_token
+from replicas.kv_layout import KVLayout, plan_layout
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * 2**20
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int = 512
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    num_mtp_drafts: int = 0  # 0 = no speculative decoding; up to the checkpoint's MTP blocks
+    enable_prefix_cache: bool = True
+    kv_dtype_bytes: int = 4  # the runner keeps K/V in the model's dtype (fp32 here)
+
+    def validate(self, model: MiMoConfig) -> None:
+        if not 0 <= self.num_mtp_drafts <= model.num_mtp_layers:
+            raise ValueError(
+                f"num_mtp_drafts must be in [0, {model.num_mtp_layers}], got {self.num_mtp_drafts}"
+            )
+
+
+def build_layout(model: MiMoConfig, config: EngineConfig) -> KVLayout:
+    config.validate(model)
+    num_full = sum(t is LayerType.FULL for t in model.layer_types)
+    num_swa = len(model.layer_types) - num_full + (model.num_mtp_layers if config.num_mtp_drafts else 0)
+    full_bytes = (
+        num_full * kv_bytes_per_token(model.full_attention, config.kv_dtype_bytes) * config.block_size
+    )
+    swa_bytes = (
+        num_swa * kv_bytes_per_token(model.sliding_attention, config.kv_dtype_bytes) * config.block_size
+    )
+    max_model_len = min(config.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+    return plan_layout(
+        budget_bytes=config.kv_cache_bytes,
+        full_bytes_per_block=max(1, full_bytes),
+        swa_bytes_per_block=max(1, swa_bytes),
+        block_size=config.block_size,
+        window=model.sliding_window_size + config.num_mtp_drafts,
+        max_running=config.max_num_seqs,
+        max_step_tokens=config.max_num_batched_tokens,
+        max_model_len=max_model_len,
+        num_lookahead_tokens=config.num_mtp_drafts,
+    )

@@ -1,0 +1,151 @@
+"""MTP drafting: chains the MTP blocks over paged KV to propose the next k tokens of each sequence.
+
+Block k at slot i reads token x[i+k+1] and the previous stage's hidden state at slot i (the main
+model's for k = 0) and predicts x[i+k+2]. Its KV at slot i is *final* once x[i+k+1] is committed;
+slots whose input is still a draft are computed provisionally and recomputed next step (same slot,
+so the paged cache is simply overwritten). Per sequence we keep, per block, how many slots are
+final, and when block k lags block k-1 by one slot, block k-1's hidden state at that slot
+(`carry[k]`), so no stage recomputes a final slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from replicas.paged_model import PagedModel, SeqInput
+
+
+@dataclass
+class MTPState:
+    """Per sequence: slots [0, final[k]) of block k are final; carry[k] = (slot, stage k-1 hidden)."""
+
+    final: list[int]
+    carry: list[tuple[int, torch.Tensor] | None]
+
+    @staticmethod
+    def fresh(num_blocks: int) -> MTPState:
+        return MTPState([0] * num_blocks, [None] * num_blocks)
+
+
+@dataclass(frozen=True)
+class DraftItem:
+    state: MTPState
+    tokens: Sequence[int]  # committed tokens of the sequence (prompt + accepted output)
+    main_hidden: torch.Tensor  # [n, H] main hidden of slots [main_start, main_final), this step
+    main_start: int
+    main_final: int  # main-model slots [0, main_final) are final after this step
+    swa_table: Sequence[int | None]
+    want_drafts: bool  # False mid-prefill: only finalize what can be finalized
+
+
+@dataclass
+class _Stage:
+    """One item's stage output this step: hidden of slots [start, start + len(hidden))."""
+
+    hidden: torch.Tensor
+    start: int
+    final: int  # slots [0, final) of this stage are final
+
+    def at(self, slot: int) -> torch.Tensor | None:
+        i = slot - self.start
+        return self.hidden[i : i + 1] if 0 <= i < self.hidden.shape[0] else None
+
+
+class MTPDrafter:
+    def __init__(self, paged: PagedModel, num_drafts: int) -> None:
+        assert 0 < num_drafts <= paged.config.num_mtp_layers
+        self.paged = paged
+        self.num_drafts = num_drafts
+
+    def run(self, items: Sequence[DraftItem]) -> list[list[int]]:
+        """Advances every item's MTP caches; returns the drafts of items that want them."""
+        drafts: list[list[int]] = [[] for _ in items]
+        prev = [_Stage(it.main_hidden, it.main_start, it.main_final) for it in items]
+        # carries for the next step; block k+1 still reads the old carry[k+1] in this step
+        new_carry = [list(it.state.carry) for it in items]
+        for k in range(self.num_drafts):
+            seqs, inputs, owners = [], [], []
+            spans = []
+            for idx, it in enumerate(items):
+                lo = it.state.final[k]
+                final_new = min(prev[idx].final, len(it.tokens) - 1 - k)
+                hi = it.main_final if it.want_drafts else final_new
+                spans.append((lo, final_new))
+                if hi <= lo:
+                    continue
+                inputs.append(self._stage_input(it.state.carry[k], prev[idx], lo, hi))
+                toks = [self._token(it, drafts[idx], i + k + 1) for i in range(lo, hi)]
+                seqs.append(SeqInput(toks, lo, (), it.swa_table))
+                owners.append(idx)
+            outs = self._forward(k, seqs, inputs, owners, items, drafts)
+            for idx, it in enumerate(items):
+                lo, final_new = spans[idx]
+                hidden = outs.get(idx, it.main_hidden[:0])
+                stage = _Stage(hidden, lo, final_new)
+                it.state.final[k] = final_new
+                if k + 1 < self.num_drafts:
+                    next_final = min(final_new, len(it.tokens) - 2 - k)
+                    new_carry[idx][k + 1] = self._next_carry(it.state.carry[k + 1], stage, next_final)
+                prev[idx] = stage
+        for it, carry in zip(items, new_carry, strict=True):
+            it.state.carry = carry
+        return drafts
+
+    def _forward(
+        self,
+        k: int,
+        seqs: list[SeqInput],
+        inputs: list[torch.Tensor],
+        owners: list[int],
+        items: Sequence[DraftItem],
+        drafts: list[list[int]],
+    ) -> dict[int, torch.Tensor]:
+        if not seqs:
+            return {}
+        batch = self.paged.prepare(seqs, need_full=False)
+        h_out = self.paged.mtp_forward(k, batch, torch.cat(inputs))
+        ends = [*batch.row_starts[1:], h_out.shape[0]]
+        outs = {}
+        last_rows = []
+        for idx, start, end in zip(owners, batch.row_starts, ends, strict=True):
+            outs[idx] = h_out[start:end]
+            if items[idx].want_drafts:
+                last_rows.append((idx, end - 1))
+        if last_rows:
+            logits = self.paged.mtp_logits(k, h_out[[r for _, r in last_rows]])
+            for (idx, _), token in zip(last_rows, logits.argmax(-1).tolist(), strict=True):
+                drafts[idx].append(int(token))
+        return outs
+
+    @staticmethod
+    def _stage_input(carry: tuple[int, torch.Tensor] | None, prev: _Stage, lo: int, hi: int) -> torch.Tensor:
+        """Previous-stage hidden for slots [lo, hi): this step's rows, led by the carry if lagging."""
+        parts = []
+        if lo < prev.start:
+            assert carry is not None and carry[0] == lo and lo == prev.start - 1, "MTP stage lag > 1 slot"
+            parts.append(carry[1])
+        parts.append(prev.hidden[max(0, lo - prev.start) : hi - prev.start])
+        out = torch.cat(parts)
+        assert out.shape[0] == hi - lo
+        return out
+
+    @staticmethod
+    def _next_carry(
+        old: tuple[int, torch.Tensor] | None, stage: _Stage, next_final: int
+    ) -> tuple[int, torch.Tensor] | None:
+        """Block k+1 resumes at slot next_final; keep this stage's hidden there if not recomputed."""
+        if next_final >= stage.final:
+            return None
+        hidden = stage.at(next_final)
+        if hidden is None:
+            assert old is not None and old[0] == next_final, "lost the hidden state block k+1 resumes from"
+            return old
+        return (next_final, hidden.detach().clone())
+
+    @staticmethod
+    def _token(it: DraftItem, drafts: list[int], position: int) -> int:
+        n = len(it.tokens)
+        return it.tokens[position] if position < n else drafts[position - n]

@@ -1,0 +1,141 @@
+"""The model runner: executes one `StepPlan` (forward over paged KV, sample or verify, MTP drafts).
+
+It owns the device-side state (paged KV tensors, per-request MTP caches) and nothing else: the
+scheduler decides what runs, the engine owns requests and sampling state. Verification accepts
+drafts by exact match under greedy decoding and by speculative rejection sampling otherwise, so
+outputs follow the main model's distribution exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mimo.model import MiMoForCausalLM
+from replicas.kv_layout import KVLayout
+from replicas.mtp import DraftItem, MTPDrafter, MTPState
+from replicas.paged_model import PagedModel, SeqInput
+from replicas.requests import ScheduledSeq, SeqOutput, StepOutput, StepPlan
+from replicas.sampler import RowState, sample
+from replicas.spec_decode import accept_drafts, build_target_probs
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Raw logprob of each emitted token and its top alternatives (when the request asked)."""
+
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]]
+
+
+class ModelRunner:
+    def __init__(self, model: MiMoForCausalLM, layout: KVLayout, num_mtp_drafts: int = 0) -> None:
+        self.paged = PagedModel(
+            model, layout.num_full_blocks, layout.num_swa_blocks, layout.block_size, num_mtp_drafts
+        )
+        self.drafter = MTPDrafter(self.paged, num_mtp_drafts) if num_mtp_drafts > 0 else None
+        self.mtp_states: dict[str, MTPState] = {}
+
+    @torch.inference_mode()
+    def execute(
+        self, plan: StepPlan, rows: Mapping[str, RowState], tokens: Mapping[str, Sequence[int]]
+    ) -> StepOutput:
+        """rows: each scheduled request's sampling state; tokens: its committed token ids."""
+        for rid in (*plan.preempted_ids, *plan.finished_ids):
+            self.mtp_states.pop(rid, None)
+        if not plan.scheduled:
+            return StepOutput([])
+        seqs = plan.scheduled
+        batch = self.paged.prepare(
+            [SeqInput(s.token_ids, s.start_position, s.block_table_full, s.block_table_swa) for s in seqs]
+        )
+        hidden = self.paged.forward(batch)
+        sampled = self._sample(seqs, batch.row_starts, hidden, rows)
+        drafts: list[list[int]] = [[] for _ in seqs]
+        if self.drafter is not None:
+            drafts = self._draft(seqs, batch.row_starts, hidden, sampled, tokens)
+        return StepOutput(
+            [
+                SeqOutput(s.request_id, out, d, extras)
+                for s, (out, extras), d in zip(seqs, sampled, drafts, strict=True)
+            ]
+        )
+
+    def _sample(
+        self,
+        seqs: Sequence[ScheduledSeq],
+        row_starts: list[int],
+        hidden: torch.Tensor,
+        rows: Mapping[str, RowState],
+    ) -> list[tuple[list[int], TokenLogprobs | None]]:
+        """Per sequence: emitted tokens (accepted drafts + one) and their logprobs if requested."""
+        out: list[tuple[list[int], TokenLogprobs | None]] = [([], None) for _ in seqs]
+        plain = [i for i, s in enumerate(seqs) if s.is_last_chunk and not s.draft_token_ids]
+        if plain:
+            last_rows = [row_starts[i] + len(seqs[i].token_ids) - 1 for i in plain]
+            logits = self.paged.logits(hidden[last_rows])
+            result = sample(logits, [rows[seqs[i].request_id] for i in plain])
+            for j, i in enumerate(plain):
+                extras = None
+                if result.logprobs[j] is not None:
+                    extras = TokenLogprobs([float(result.logprobs[j] or 0.0)], [result.top_logprobs[j] or []])
+                out[i] = ([result.token_ids[j]], extras)
+        for i, s in enumerate(seqs):
+            if not (s.is_last_chunk and s.draft_token_ids):
+                continue
+            k = len(s.draft_token_ids)
+            first = row_starts[i] + len(s.token_ids) - k - 1
+            logits = self.paged.logits(hidden[first : first + k + 1])  # [k+1, V]
+            row = rows[s.request_id]
+            target = build_target_probs(logits, row, s.draft_token_ids)
+            emitted = accept_drafts(target, s.draft_token_ids, None, row.generator, row.is_greedy)
+            out[i] = (emitted, _logprobs(logits, emitted, row))
+        return out
+
+    def _draft(
+        self,
+        seqs: Sequence[ScheduledSeq],
+        row_starts: list[int],
+        hidden: torch.Tensor,
+        sampled: list[tuple[list[int], TokenLogprobs | None]],
+        tokens: Mapping[str, Sequence[int]],
+    ) -> list[list[int]]:
+        assert self.drafter is not None
+        items = []
+        for s, start, (emitted, _) in zip(seqs, row_starts, sampled, strict=True):
+            state = self.mtp_states.get(s.request_id)
+            if state is None:  # new or re-admitted: a prefix hit's MTP KV is taken as it is
+                state = MTPState(
+                    [s.start_position] * self.drafter.num_drafts, [None] * self.drafter.num_drafts
+                )
+                self.mtp_states[s.request_id] = state
+            num_final = len(s.token_ids) - len(s.draft_token_ids) + max(0, len(emitted) - 1)
+            committed = [*tokens[s.request_id], *emitted]
+            items.append(
+                DraftItem(
+                    state=state,
+                    tokens=committed,
+                    main_hidden=hidden[start : start + num_final],
+                    main_start=s.start_position,
+                    main_final=s.start_position + num_final,
+                    swa_table=s.block_table_swa,
+                    want_drafts=s.is_last_chunk,
+                )
+            )
+        return self.drafter.run(items)
+
+
+def _logprobs(logits: torch.Tensor, emitted: list[int], row: RowState) -> TokenLogprobs | None:
+    """Raw logprobs of tokens emitted by verification (logits row j produced emitted[j])."""
+    top_n = row.params.logprobs
+    if top_n is None:
+        return None
+    logp = torch.log_softmax(logits[: len(emitted)], dim=-1)
+    chosen = logp.gather(1, torch.tensor(emitted).unsqueeze(1)).squeeze(1).tolist()
+    top: list[list[tuple[int, float]]] = [[] for _ in emitted]
+    if top_n > 0:
+        values, ids = logp.topk(top_n, dim=-1)
+        top = [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(ids, values, strict=True)]
+    return TokenLogprobs(chosen, top)

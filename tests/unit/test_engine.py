@@ -1,0 +1,165 @@
+"""The engine against the plain full-recompute loop: batching, chunked prefill, prefix hits,
+preemption and MTP drafts must never change a greedy output; bad requests fail alone."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.cli import EMBEDDED_MODEL
+from mimo.config import MiMoConfig
+from mimo.generate import SamplingParams as PlainParams
+from mimo.generate import generate
+from mimo.model import MiMoForCausalLM
+from mimo.tokenizer import Tokenizer
+from replicas.engine import Engine, GenerateRequest, InvalidRequest
+from replicas.engine_config import EngineConfig
+from replicas.sampling_params import SamplingParams
+from tests.factory import random_config_dict, random_model
+
+NEW_TOKENS = 10
+
+
+@lru_cache(maxsize=1)
+def _model() -> MiMoForCausalLM:
+    return random_model(MiMoConfig.from_hub_dict(random_config_dict(max_position_embeddings=256)), seed=5)
+
+
+@lru_cache(maxsize=1)
+def _tokenizer() -> Tokenizer:
+    return Tokenizer.from_dir(EMBEDDED_MODEL)
+
+
+@lru_cache(maxsize=256)
+def _reference(prompt: tuple[int, ...]) -> list[int]:
+    return generate(_model(), list(prompt), PlainParams(max_new_tokens=NEW_TOKENS)).token_ids
+
+
+def _greedy(max_tokens: int = NEW_TOKENS) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def _run(engine: Engine, prompts: list[list[int]], arrivals: list[int]) -> dict[str, list[int]]:
+    """Adds request i at step arrivals[i]; returns every request's tokens."""
+    out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    pending = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    step = 0
+    while pending or engine.has_work():
+        while pending and arrivals[pending[0]] <= step:
+            i = pending.pop(0)
+            engine.add(GenerateRequest(f"r{i}", prompts[i], _greedy()))
+        for chunk in engine.step():
+            assert chunk.error is None, chunk.error
+            out[chunk.request_id] += chunk.token_ids
+        step += 1
+        assert step < 2000
+    return out
+
+
+prompt_sets = st.lists(st.lists(st.integers(3, 12), min_size=1, max_size=48), min_size=1, max_size=5)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    prompts=prompt_sets,
+    shared=st.lists(st.integers(3, 300), min_size=0, max_size=40),
+    arrivals=st.lists(st.integers(0, 6), min_size=5, max_size=5),
+    block_size=st.sampled_from([2, 4, 8]),
+    chunk=st.sampled_from([3, 8, 64]),
+    max_num_seqs=st.integers(1, 4),
+    kv_kib=st.sampled_from([1024, 2048, 8192]),
+    drafts=st.integers(0, 3),
+)
+def test_greedy_outputs_equal_plain_recompute(
+    prompts: list[list[int]],
+    shared: list[int],
+    arrivals: list[int],
+    block_size: int,
+    chunk: int,
+    max_num_seqs: int,
+    kv_kib: int,
+    drafts: int,
+) -> None:
+    """Catches any KV, scheduling or draft-verification bug that changes tokens: random prompt sets
+    (a shared prefix on half of them), arrival orders, chunk and block sizes, budgets tight enough
+    to preempt, MTP on and off."""
+    prompts = [(shared + p if i % 2 else p) for i, p in enumerate(prompts)]
+    config = EngineConfig(
+        block_size=block_size,
+        kv_cache_bytes=kv_kib * 1024,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max(chunk, max_num_seqs * (1 + drafts)),
+        max_prefill_chunk=chunk,
+        max_model_len=100,
+        num_mtp_drafts=drafts,
+    )
+    engine = Engine(_model(), _tokenizer(), config)
+    got = _run(engine, prompts, arrivals)
+    for i, p in enumerate(prompts):
+        assert got[f"r{i}"] == _reference(tuple(p)), f"request {i}"
+    assert engine.kv_cache.usage()["full"].num_used == 0
+    engine.kv_cache.check_invariants()
+
+
+def test_tight_budget_preempts_and_still_matches() -> None:
+    """Catches preemption by recompute losing or duplicating tokens (the budget forces it)."""
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 300, (40,), generator=gen).tolist() for _ in range(4)]
+    config = EngineConfig(
+        block_size=4, kv_cache_bytes=360 * 1024, max_num_seqs=4, max_num_batched_tokens=16,
+        max_prefill_chunk=8, max_model_len=100, num_mtp_drafts=2,
+    )  # fmt: skip
+    engine = Engine(_model(), _tokenizer(), config)
+    assert engine.kv_cache.layout.num_swa_blocks < 2 * 9  # under two sequences' windows and steps
+    got = _run(engine, prompts, [0, 0, 0, 0])
+    assert engine.scheduler.num_preemptions_total > 0
+    for i, p in enumerate(prompts):
+        assert got[f"r{i}"] == _reference(tuple(p))
+
+
+def test_repeated_prefix_reports_cached_tokens() -> None:
+    """Catches prefix hits that are not reported in usage (or not taken at all)."""
+    engine = Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200))
+    prompt = list(range(3, 103))
+    first = engine.generate([GenerateRequest("a", prompt, _greedy())])["a"][-1].usage
+    second = engine.generate([GenerateRequest("b", [*prompt[:-1], 7], _greedy())])["b"][-1].usage
+    third = engine.generate([GenerateRequest("c", prompt, _greedy(), salt="tenant-2")])["c"][-1].usage
+    assert first is not None and second is not None and third is not None
+    assert (first.cached_tokens, second.cached_tokens, third.cached_tokens) == (0, 96, 0)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "field"),
+    [
+        ([], _greedy(), "prompt"),
+        (list(range(300)), _greedy(), "prompt"),
+        ([5, 999_999], _greedy(), "prompt"),
+        ([5], SamplingParams(max_tokens=0), "max_tokens"),
+        ([5], SamplingParams(temperature=-1.0), "temperature"),
+        ([5], SamplingParams(top_p=1.5), "top_p"),
+    ],
+)
+def test_bad_requests_name_the_field(prompt: list[int], params: SamplingParams, field: str) -> None:
+    """Catches invalid input being accepted, or rejected without saying which parameter."""
+    engine = Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200))
+    with pytest.raises(InvalidRequest) as info:
+        engine.add(GenerateRequest("x", prompt, params))
+    assert info.value.field == field
+
+
+def test_failed_step_ends_its_requests_and_engine_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches one broken forward pass killing the replica instead of failing that step's requests."""
+    engine = Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200))
+    engine.add(GenerateRequest("doomed", [5, 6, 7], _greedy()))
+    real = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    chunks = engine.step()
+    assert [(c.request_id, c.finish_reason) for c in chunks] == [("doomed", "error")]
+    assert chunks[0].error is not None and "boom" in chunks[0].error
+    monkeypatch.setattr(engine.runner, "execute", real)
+    out = engine.generate([GenerateRequest("fine", [5, 6, 7], _greedy())])
+    assert [t for c in out["fine"] for t in c.token_ids] == _reference((5, 6, 7))
