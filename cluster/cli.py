@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from cluster.inspect_report import inspect_report, render_text
@@ -20,35 +22,50 @@ EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-tin
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
-    from mimo.generate import SamplingParams, generate
     from mimo.tokenizer import Tokenizer
     from mimo.weights import load_model
+    from replicas.engine import Engine, GenerateRequest
+    from replicas.engine_config import EngineConfig, single_sequence_budget
+    from replicas.sampling_params import SamplingParams
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = load_model(args.model, dtype=dtype, progress=False)
     tokenizer = Tokenizer.from_dir(args.model)
     if args.chat:
-        prompt_ids = tokenizer.encode_chat(
-            [{"role": "user", "content": args.prompt}], enable_thinking=args.thinking
-        )
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt_ids = tokenizer.encode_chat(messages, enable_thinking=args.thinking)
     else:
         prompt_ids = tokenizer.encode(args.prompt)
     params = SamplingParams(
-        max_new_tokens=args.max_tokens,
+        max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        top_k=args.top_k,
         seed=args.seed,
-        stop_token_ids=tokenizer.eos_token_ids if args.chat else (),
+        ignore_eos=not args.chat,  # plain text continues; a chat turn ends at <|im_end|>
     )
-    result = generate(model, prompt_ids, params)
-    text = tokenizer.decode(result.token_ids)
+    # size the KV cache for this one sequence rather than a server's default budget
+    max_len = min(len(prompt_ids) + args.max_tokens + 1, model.config.max_position_embeddings)
+    config = EngineConfig(
+        num_mtp_drafts=args.mtp, kv_dtype_bytes=torch.finfo(dtype).bits // 8, max_model_len=max_len,
+        max_num_batched_tokens=512, max_prefill_chunk=512,
+    )  # fmt: skip
+    config = replace(config, kv_cache_bytes=single_sequence_budget(model.config, config, max_len))
+    engine = Engine(model, tokenizer, config)
+    start = time.perf_counter()
+    chunks = engine.generate([GenerateRequest("cli", prompt_ids, params)])["cli"]
+    elapsed = time.perf_counter() - start
+    token_ids = [t for c in chunks for t in c.token_ids]
+    if chunks and chunks[-1].error:
+        raise ValueError(chunks[-1].error)
+    text = "".join(c.text for c in chunks)
     if args.json:
         record = {
-            "prompt_token_ids": result.prompt_token_ids,
-            "token_ids": result.token_ids,
+            "prompt_token_ids": prompt_ids,
+            "token_ids": token_ids,
             "text": text,
-            "finish_reason": result.finish_reason,
-            "elapsed_s": round(result.elapsed_s, 4),
+            "finish_reason": chunks[-1].finish_reason if chunks else None,
+            "elapsed_s": round(elapsed, 4),
         }
         print(json.dumps(record))
     else:
@@ -68,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimo", description="MiMo-V2-Flash serving cluster")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text with the plain loop on one checkpoint")
+    gen = sub.add_parser("generate", help="generate text with the engine on one checkpoint")
     gen.add_argument("--model", type=Path, default=EMBEDDED_MODEL, help="checkpoint directory (hub format)")
     gen.add_argument("--prompt", required=True, help="prompt text (a user message with --chat)")
     gen.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
@@ -76,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--mtp", type=int, default=0, help="MTP draft tokens per step (0 = off, up to 3)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     gen.add_argument("--json", action="store_true", help="print one JSON line with token ids and timing")
     gen.set_defaults(func=_generate)
@@ -93,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # InvalidRequest is a ValueError too
         print(f"mimo {args.command}: error: {e}", file=sys.stderr)
         return 2
     return code

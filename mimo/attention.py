@@ -74,7 +74,8 @@ def attend(
     num_q, num_k, num_q_heads = q.shape[1], k.shape[1], q.shape[2]
     rows = max(1, _MAX_SCORE_ELEMENTS // max(1, num_k * num_q_heads * q.shape[0]))
     if window is not None:
-        rows = max(rows, 1024)
+        # blockwise local attention: a chunk of `window` queries needs only 2 * window keys
+        rows = max(window, 32)
     if num_q <= rows:
         return _attend_chunk(q, k, v, q_pos, k_pos, scale, window, sinks)
     outs = []

@@ -60,8 +60,9 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(len(ids), inter, h))
         self.up_proj = nn.Parameter(torch.empty(len(ids), inter, h))
         self.down_proj = nn.Parameter(torch.empty(len(ids), h, inter))
-        # global expert id -> local slot (-1: not held); on the CPU even when built on meta.
-        local = torch.full((config.num_experts,), -1, dtype=torch.long, device="cpu")
+        # global expert id -> local slot (-1: not held); on the CPU even when built on meta. The extra
+        # last entry is the id dispatchers use for "this pair is computed elsewhere" (NOT_HERE).
+        local = torch.full((config.num_experts + 1,), -1, dtype=torch.long, device="cpu")
         local[torch.tensor(ids, dtype=torch.long, device="cpu")] = torch.arange(len(ids), device="cpu")
         self.local_index: torch.Tensor
         self.register_buffer("local_index", local, persistent=False)

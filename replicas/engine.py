@@ -102,7 +102,7 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
     def add(self, request: GenerateRequest) -> None:
-        self._validate(request)
+        self.validate(request)
         p = request.params
         eos = self.tokenizer.eos_token_ids
         stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos))
@@ -131,7 +131,7 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def _validate(self, request: GenerateRequest) -> None:
+    def validate(self, request: GenerateRequest) -> None:
         if request.request_id in self._live:
             raise InvalidRequest("request_id", f"request_id {request.request_id!r} is already running")
         ids = request.prompt_token_ids
@@ -140,7 +140,8 @@ class Engine:
         if len(ids) >= self.max_model_len:
             raise InvalidRequest(
                 "prompt",
-                f"prompt has {len(ids)} tokens but the model's context is {self.max_model_len} tokens",
+                f"prompt has {len(ids)} tokens; the context (max_position_embeddings / max_model_len) "
+                f"is {self.max_model_len} tokens and must leave room for one generated token",
             )
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):

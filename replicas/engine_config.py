@@ -33,6 +33,25 @@ class EngineConfig:
             )
 
 
+def single_sequence_budget(model: MiMoConfig, config: EngineConfig, max_len: int) -> int:
+    """KV bytes for one sequence of `max_len` tokens under `config` (what `mimo generate` needs)."""
+    full = sum(t is LayerType.FULL for t in model.layer_types) * kv_bytes_per_token(
+        model.full_attention, config.kv_dtype_bytes
+    )
+    num_swa = sum(t is LayerType.SLIDING for t in model.layer_types)
+    swa = (num_swa + config.num_mtp_drafts) * kv_bytes_per_token(
+        model.sliding_attention, config.kv_dtype_bytes
+    )
+    bs = config.block_size
+    swa_tokens = (
+        model.sliding_window_size + 2 * config.num_mtp_drafts + config.max_num_batched_tokens + 3 * bs
+    )
+    # the layout gives the SWA pool at most half the budget, and the GA pool must hold max_len
+    return max(
+        2 * swa * swa_tokens, swa * swa_tokens + full * (max_len + config.num_mtp_drafts + bs)
+    ) + bs * (full + swa)
+
+
 def build_layout(model: MiMoConfig, config: EngineConfig) -> KVLayout:
     config.validate(model)
     num_full = sum(t is LayerType.FULL for t in model.layer_types)

@@ -72,51 +72,62 @@ class PagedKV:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
 
-def _slot(table: Sequence[int | None], position: int, block_size: int) -> int:
-    block = table[position // block_size]
-    assert block is not None, f"position {position} lies in a released block"
-    return block * block_size + position % block_size
+def _tables(segs: Sequence[Segment]) -> torch.Tensor:
+    """Block tables padded into [num_segs, max_blocks]; released (None) entries read as block 0,
+    which is never gathered unmasked nor written (only visible, live positions are)."""
+    width = max(1, max(len(seg.block_table) for seg in segs))
+    rows = [
+        [b if b is not None else 0 for b in seg.block_table] + [0] * (width - len(seg.block_table))
+        for seg in segs
+    ]
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def build_batch(
     segments: Sequence[Segment], block_size: int, window: int | None, device: torch.device
 ) -> AttentionBatch:
     """Slots and masks for one pool. window=None: global attention (every earlier key)."""
-    write: list[int] = []
-    for seg in segments:
-        for p in range(seg.start_position, seg.start_position + seg.num_tokens):
-            write.append(_slot(seg.block_table, p, block_size))
-    by_q: dict[int, list[Segment]] = {}
-    for seg in segments:
-        by_q.setdefault(seg.num_tokens, []).append(seg)
-    groups = [_group(segs, q, block_size, window, device) for q, segs in by_q.items()]
-    return AttentionBatch(torch.tensor(write, dtype=torch.long, device=device), groups)
+    tables = _tables(segments)
+    lengths = torch.tensor([seg.num_tokens for seg in segments])
+    starts = torch.tensor([seg.start_position for seg in segments])
+    seg_of_row = torch.repeat_interleave(torch.arange(len(segments)), lengths)  # [N]
+    first_row = torch.cumsum(lengths, 0) - lengths
+    positions = starts[seg_of_row] + torch.arange(int(lengths.sum())) - first_row[seg_of_row]
+    write = tables[seg_of_row, positions // block_size] * block_size + positions % block_size
+    by_q: dict[int, list[int]] = {}
+    for i, seg in enumerate(segments):
+        by_q.setdefault(seg.num_tokens, []).append(i)
+    groups = [
+        _group(tables[idx], starts[idx], first_row[idx], q, block_size, window, device)
+        for q, idx in ((q, torch.tensor(ids)) for q, ids in by_q.items())
+    ]
+    return AttentionBatch(write.to(device), groups)
 
 
 def _group(
-    segs: list[Segment], num_q: int, block_size: int, window: int | None, device: torch.device
+    tables: torch.Tensor,
+    starts: torch.Tensor,
+    first_rows: torch.Tensor,
+    num_q: int,
+    block_size: int,
+    window: int | None,
+    device: torch.device,
 ) -> Group:
-    key_ranges = []
-    for seg in segs:
-        end = seg.start_position + seg.num_tokens
-        first = 0 if window is None else max(0, seg.start_position - window)
-        key_ranges.append((first, end))
-    num_keys = max(end - first for first, end in key_ranges)
-    rows = torch.empty(len(segs), num_q, dtype=torch.long)
-    slots = torch.zeros(len(segs), num_keys, dtype=torch.long)
-    visible = torch.zeros(len(segs), num_q, num_keys, dtype=torch.bool)
-    for b, (seg, (first, end)) in enumerate(zip(segs, key_ranges, strict=True)):
-        rows[b] = torch.arange(seg.row_start, seg.row_start + num_q)
-        n = end - first
-        slots[b, :n] = torch.tensor([_slot(seg.block_table, p, block_size) for p in range(first, end)])
-        q_pos = torch.arange(seg.start_position, end)[:, None]
-        k_pos = torch.arange(first, end)[None, :]
-        delta = q_pos - k_pos
-        ok = delta >= 0
-        if window is not None:
-            ok &= delta <= window
-        visible[b, :, :n] = ok
+    """tables [B, blocks], starts/first_rows [B]: one SDPA call's gather indices and mask."""
+    ends = starts + num_q  # exclusive
+    firsts = torch.zeros_like(starts) if window is None else (starts - window).clamp(min=0)
+    num_keys = int((ends - firsts).max())
+    k_pos = firsts[:, None] + torch.arange(num_keys)[None, :]  # [B, S]
+    in_range = k_pos < ends[:, None]
+    k_pos = torch.where(in_range, k_pos, firsts[:, None])  # padding reads a live key, then is masked
+    slots = tables.gather(1, k_pos // block_size) * block_size + k_pos % block_size
+    q_pos = starts[:, None] + torch.arange(num_q)[None, :]  # [B, Q]
+    delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Q, S]
+    visible = (delta >= 0) & in_range[:, None, :]
+    if window is not None:
+        visible &= delta <= window
     mask = torch.zeros(visible.shape, dtype=torch.float32).masked_fill(~visible, float("-inf"))
+    rows = first_rows[:, None] + torch.arange(num_q)[None, :]
     return Group(rows.to(device), slots.to(device), mask.unsqueeze(1).to(device))
 
 

@@ -15,6 +15,8 @@ import torch
 from mimo.attention import Attention
 from mimo.config import LayerType
 from mimo.model import DecoderLayer, MiMoForCausalLM, MTPBlock
+from mimo.moe import MoE
+from replicas.dispatch import ExpertDispatcher
 from replicas.paged_attention import AttentionBatch, PagedKV, Segment, build_batch, paged_attention
 
 
@@ -47,7 +49,9 @@ class PagedModel:
         num_swa_blocks: int,
         block_size: int,
         num_mtp_blocks: int = 0,  # MTP blocks that get KV storage (those used for drafting)
+        dispatcher: ExpertDispatcher | None = None,  # None: experts run inside this model
     ) -> None:
+        self.dispatcher = dispatcher
         self.model = model
         self.config = c = model.config
         param = next(p for p in model.parameters() if not p.is_meta)
@@ -112,8 +116,14 @@ class PagedModel:
                 kv, meta = self.swa_kv, batch.swa
             x = layer.input_layernorm(h)
             h = h + self._attention(layer.self_attn, x, ropes[layer.layer_type], kv, self.pool_index[i], meta)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._mlp(i, layer, layer.post_attention_layernorm(h))
         return h
+
+    def _mlp(self, index: int, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
+        mlp = layer.mlp
+        if self.dispatcher is not None and isinstance(mlp, MoE):
+            return self.dispatcher.run(index, x, mlp.gate(x))
+        return mlp(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits(hidden).float()

@@ -1,0 +1,103 @@
+"""Async front of the engine for the serving layer: `submit(request)` streams `Chunk`s.
+
+One background thread owns the `Engine` and steps it while there is work; callers on any asyncio
+loop get their chunks through per-request queues (`call_soon_threadsafe`), so the event loop never
+blocks on a forward pass. Closing a stream early (client gone, task cancelled) aborts the request
+and frees its KV blocks. Invalid requests raise `InvalidRequest` from `submit` before streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from replicas.engine import Chunk, Engine, GenerateRequest
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[Chunk | BaseException]
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.Queue[tuple[str, object]] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="mimo-engine", daemon=True)
+        self._thread.start()
+
+    async def submit(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        """Validates now (raising InvalidRequest), then yields chunks until the finishing one."""
+        if self._stopped:
+            raise RuntimeError("engine is shut down")
+        self.engine.validate(request)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request.request_id] = stream
+        self._send("add", request)
+        return self._iterate(request.request_id, stream)
+
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[Chunk]:
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._send("abort", request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send("abort", request_id)
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def _send(self, kind: str, payload: object) -> None:
+        self._commands.put((kind, payload))
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            self._drain_commands()
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            for chunk in self.engine.step():
+                self._deliver(chunk.request_id, chunk)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                assert isinstance(payload, GenerateRequest)
+                try:
+                    self.engine.add(payload)
+                except ValueError as e:  # raced with another request of the same id, or invalid
+                    self._deliver(payload.request_id, e)
+            else:
+                assert isinstance(payload, str)
+                self.engine.abort(payload)
+
+    def _deliver(self, request_id: str, item: Chunk | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)

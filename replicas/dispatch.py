@@ -1,0 +1,112 @@
+"""Expert dispatch on the attention side: route rows to expert shards, one message per shard per
+MoE layer, and combine the shards' weighted partial outputs.
+
+A (token, expert) pair whose expert has several copies goes to copy `rank % copies`, where rank
+counts that expert's pairs in this layer call, so hot experts' tokens split evenly over copies.
+The placement table is swapped atomically (`set_placement`) while traffic runs: a call uses the
+table it started with. Transports move the messages (`ExpertTransport`); every transport must give
+the in-process result.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+from mimo.moe import Routing
+from replicas.expert_placement import ExpertPlacement
+
+
+@dataclass(frozen=True)
+class ShardMessage:
+    shard: int
+    rows: torch.Tensor  # [R] indices into the layer's token rows
+    x: torch.Tensor  # [R, H]
+    expert_ids: torch.Tensor  # [R, k]; pairs assigned to other shards carry num_experts (NOT_HERE)
+    weights: torch.Tensor  # [R, k]
+
+
+class ExpertTransport(abc.ABC):
+    """Moves one MoE layer's messages to shards and their partial outputs back."""
+
+    @abc.abstractmethod
+    def send(self, layer: int, messages: list[ShardMessage]) -> object:
+        """Starts the layer's expert work; returns a handle for `wait`."""
+
+    @abc.abstractmethod
+    def wait(self, handle: object) -> list[torch.Tensor]:
+        """Partial outputs [R, H], one per message, in message order."""
+
+    def set_placement(self, placement: ExpertPlacement) -> None:  # noqa: B027 - optional hook
+        """Transports that must prepare for a new placement (load weights) override this."""
+
+
+@dataclass(frozen=True)
+class _LayerTable:
+    copy_shards: torch.Tensor  # [E, max_copies] shard ids (-1 padding)
+    num_copies: torch.Tensor  # [E]
+
+
+def layer_tables(placement: ExpertPlacement, num_experts: int) -> dict[int, _LayerTable]:
+    tables = {}
+    for layer in placement.layers():
+        copies = [placement.shards_of(layer, e) for e in range(num_experts)]
+        width = max(len(c) for c in copies)
+        padded = [list(c) + [-1] * (width - len(c)) for c in copies]
+        tables[layer] = _LayerTable(torch.tensor(padded), torch.tensor([len(c) for c in copies]))
+    return tables
+
+
+@dataclass(frozen=True)
+class Pending:
+    handle: object
+    messages: list[ShardMessage]
+    num_rows: int
+
+
+class ExpertDispatcher:
+    def __init__(self, transport: ExpertTransport, placement: ExpertPlacement, num_experts: int) -> None:
+        self.transport = transport
+        self.num_experts = num_experts
+        self.placement = placement
+        self._tables = layer_tables(placement, num_experts)
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        """Atomic switch: later calls route by the new table (the transport has the weights ready)."""
+        tables = layer_tables(placement, self.num_experts)
+        self.transport.set_placement(placement)
+        self.placement, self._tables = placement, tables
+
+    def messages(self, layer: int, x: torch.Tensor, routing: Routing) -> list[ShardMessage]:
+        table = self._tables[layer]
+        ids = routing.expert_ids  # [N, k]
+        flat = ids.reshape(-1).cpu()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(flat)
+        rank[order] = torch.arange(flat.numel()) - starts[flat[order]]
+        copy = rank % table.num_copies[flat]
+        shard_of_pair = table.copy_shards[flat, copy].view(ids.shape).to(ids.device)  # [N, k]
+        out = []
+        for shard in torch.unique(shard_of_pair).tolist():
+            mine = shard_of_pair == shard
+            rows = mine.any(dim=1).nonzero().squeeze(1)
+            masked = torch.where(mine[rows], ids[rows], torch.full_like(ids[rows], self.num_experts))
+            out.append(ShardMessage(int(shard), rows, x[rows], masked, routing.weights[rows]))
+        return out
+
+    def submit(self, layer: int, x: torch.Tensor, routing: Routing) -> Pending:
+        messages = self.messages(layer, x, routing)
+        return Pending(self.transport.send(layer, messages), messages, x.shape[0])
+
+    def collect(self, pending: Pending, like: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(like)
+        for message, partial in zip(pending.messages, self.transport.wait(pending.handle), strict=True):
+            out.index_add_(0, message.rows, partial.to(out.dtype))
+        return out
+
+    def run(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return self.collect(self.submit(layer, x, routing), x)

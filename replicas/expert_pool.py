@@ -1,0 +1,119 @@
+"""The expert pool on Ray: one actor per expert shard, placed by a placement group over the nodes.
+
+Each actor loads only its (layer, expert) weights. Actors restart when their process dies
+(`max_restarts`) and Ray retries the in-flight `compute` call on the restarted actor
+(`max_task_retries`), so a killed shard costs a step's latency, never a request. `RayTransport`
+fans one message per shard out as async actor calls with zero-copy tensors.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from replicas.dispatch import ExpertTransport, ShardMessage
+from replicas.expert_placement import ExpertKey, ExpertPlacement
+from replicas.expert_shard import ExpertShard
+
+# Ray ships torch tensors through its object store without a pickle copy when this is set.
+ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
+
+
+class ExpertShardActor:
+    """Ray actor body (wrapped with ray.remote by `ExpertPool`)."""
+
+    def __init__(self, path: str, keys: list[ExpertKey], dtype: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.path = path
+        self.dtype = getattr(torch, dtype)
+        self.shard = ExpertShard.load(path, keys, self.dtype)
+
+    def compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.shard.compute(layer, x, ids, weights)
+
+    def keys(self) -> list[ExpertKey]:
+        return self.shard.keys
+
+    def drain_stats(self) -> dict[str, object]:
+        return self.shard.drain_stats()
+
+    def load_experts(self, keys: list[ExpertKey]) -> int:
+        """Loads a new expert set (EPLB) beside the old one, then swaps; returns the pid."""
+        self.shard = ExpertShard.load(self.path, keys, self.dtype)
+        return os.getpid()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node_id(self) -> str:
+        return str(ray.get_runtime_context().get_node_id())
+
+
+@dataclass(frozen=True)
+class ShardResources:
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    threads: int = 1
+
+
+class ExpertPool:
+    def __init__(self, actors: list[Any], group: PlacementGroup) -> None:
+        self.actors = actors
+        self.group = group
+
+    @staticmethod
+    def start(
+        path: str | Path,
+        placement: ExpertPlacement,
+        resources: ShardResources = ShardResources(),
+        strategy: str = "SPREAD",
+        dtype: str = "float32",
+    ) -> ExpertPool:
+        bundles = [{"CPU": resources.num_cpus, **({"GPU": resources.num_gpus} if resources.num_gpus else {})}]
+        group = placement_group(bundles * placement.num_shards, strategy=strategy)
+        ray.get(group.ready())
+        actor_cls = ray.remote(ExpertShardActor)
+        actors = [
+            actor_cls.options(
+                num_cpus=resources.num_cpus,
+                num_gpus=resources.num_gpus,
+                max_restarts=-1,
+                max_task_retries=-1,
+                runtime_env={"env_vars": ZERO_COPY_ENV},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
+            ).remote(str(path), placement.experts_of_shard(s), dtype, resources.threads)
+            for s in range(placement.num_shards)
+        ]
+        ray.get([a.pid.remote() for a in actors])
+        return ExpertPool(actors, group)
+
+    def transport(self) -> RayTransport:
+        return RayTransport(self.actors)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        remove_placement_group(self.group)
+
+
+class RayTransport(ExpertTransport):
+    def __init__(self, actors: list[Any]) -> None:
+        self.actors = actors
+
+    def send(self, layer: int, messages: list[ShardMessage]) -> object:
+        return [self.actors[m.shard].compute.remote(layer, m.x, m.expert_ids, m.weights) for m in messages]
+
+    def wait(self, handle: object) -> list[torch.Tensor]:
+        assert isinstance(handle, list)
+        results: list[torch.Tensor] = ray.get(handle)
+        return results
+
+    def set_placement(self, placement: ExpertPlacement) -> None:
+        ray.get([a.load_experts.remote(placement.experts_of_shard(s)) for s, a in enumerate(self.actors)])

@@ -1,0 +1,86 @@
+"""An expert shard: the experts of some (layer, expert) pairs, and their SwiGLU on dispatched rows.
+
+It loads only its own tensors from the checkpoint (memory-mapped; never the whole model) and runs
+one grouped computation per message: rows [R, H] with each row's chosen expert ids and combine
+weights, where pairs computed on another shard carry the id `num_experts` (NOT_HERE). It returns
+the weighted partial sum over the pairs it owns, and counts tokens and compute time per expert.
+Plain class: `replicas/expert_actor.py` hosts it in a Ray actor, tests and the in-process transport
+call it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mimo.checkpoint import CheckpointReader
+from mimo.config import MiMoConfig
+from mimo.moe import Experts, Routing
+from mimo.weights import load_tensors, select_names, stack_experts
+from replicas.expert_placement import ExpertKey
+
+
+class ExpertShard:
+    def __init__(self, config: MiMoConfig, experts: dict[int, Experts]) -> None:
+        self.config = config
+        self.experts = experts  # layer -> the experts of that layer held here
+        self.token_counts: dict[ExpertKey, int] = {}
+        self.compute_s = 0.0
+        self.num_messages = 0
+
+    @staticmethod
+    def load(
+        path: str | Path, keys: Sequence[ExpertKey], dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ) -> ExpertShard:
+        config = MiMoConfig.from_file(path)
+        reader = CheckpointReader(Path(path))
+        by_layer: dict[int, list[int]] = {}
+        for layer, e in keys:
+            by_layer.setdefault(layer, []).append(e)
+        experts: dict[int, Experts] = {}
+        names = select_names(config, dense=False, experts=sorted(keys))
+        state = stack_experts(config, load_tensors(reader, names, dtype, device, progress=False))
+        for layer, ids in by_layer.items():
+            with torch.device("meta"):
+                module = Experts(config, expert_ids=sorted(ids))
+            prefix = f"model.layers.{layer}.mlp.experts."
+            module.load_state_dict(
+                {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, assign=True
+            )
+            experts[layer] = module.eval()
+        return ExpertShard(config, experts)
+
+    @property
+    def keys(self) -> list[ExpertKey]:
+        return sorted((layer, e) for layer, m in self.experts.items() for e in m.expert_ids)
+
+    @torch.inference_mode()
+    def compute(
+        self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """x [R, H], expert_ids/weights [R, k] -> weighted partial output [R, H] of this shard's pairs."""
+        start = time.perf_counter()
+        module = self.experts[layer]
+        out = module(x, Routing(expert_ids, weights))
+        held = module.local_index[expert_ids] >= 0
+        for e, n in zip(*torch.unique(expert_ids[held], return_counts=True), strict=True):
+            key = (layer, int(e))
+            self.token_counts[key] = self.token_counts.get(key, 0) + int(n)
+        self.compute_s += time.perf_counter() - start
+        self.num_messages += 1
+        return out
+
+    def drain_stats(self) -> dict[str, object]:
+        """Per-expert token counts and compute seconds since the last drain."""
+        stats: dict[str, object] = {
+            "token_counts": dict(self.token_counts),
+            "compute_s": self.compute_s,
+            "messages": self.num_messages,
+        }
+        self.token_counts = {}
+        self.compute_s = 0.0
+        self.num_messages = 0
+        return stats
