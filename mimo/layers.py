@@ -19,10 +19,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op, same math
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # fp32 variance
+        return self.weight * normed.to(x.dtype)  # weight after the cast back, as the reference
 
 
 class RotaryEmbedding(nn.Module):

@@ -2,8 +2,8 @@
 
 The router runs where attention runs; `Experts` may hold only a subset of a layer's experts (an
 expert shard) and then returns the weighted sum over the experts it holds, so shards' partial
-outputs add up to the full layer output. Expert weights are stacked per layer: gate/up
-[E_local, I, H], down [E_local, H, I].
+outputs add up to the full layer output. Expert weights are stacked per layer, gate and up fused
+as transformers does: gate_up [E_local, 2I, H] (gate rows first), down [E_local, H, I].
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo.config import MiMoConfig
+
+# A single token with up to this many chosen experts takes the plain loop (decode at batch 1).
+_PAIR_LOOP_MAX = 16
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,8 @@ class Experts(nn.Module):
         ids = list(range(config.num_experts)) if expert_ids is None else list(expert_ids)
         h, inter = config.hidden_size, config.moe_intermediate_size
         self.expert_ids = tuple(ids)
-        self.gate_proj = nn.Parameter(torch.empty(len(ids), inter, h))
-        self.up_proj = nn.Parameter(torch.empty(len(ids), inter, h))
+        self.intermediate_size = inter
+        self.gate_up_proj = nn.Parameter(torch.empty(len(ids), 2 * inter, h))
         self.down_proj = nn.Parameter(torch.empty(len(ids), h, inter))
         # global expert id -> local slot (-1: not held); on the CPU even when built on meta. The extra
         # last entry is the id dispatchers use for "this pair is computed elsewhere" (NOT_HERE).
@@ -69,30 +72,46 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N, H] -> [N, H]: sum over the token's chosen experts held here of weight * expert(x)."""
-        _num_tokens, top_k = routing.expert_ids.shape
+        top_k = routing.expert_ids.shape[1]
         local = self.local_index[routing.expert_ids].reshape(-1)  # [N*k], -1 where not held here
+        if local.numel() <= _PAIR_LOOP_MAX and x.shape[0] == 1:
+            return self._single_token(x, local.tolist(), routing.weights.reshape(-1).tolist())
         held = (local >= 0).nonzero().squeeze(1)
         out = torch.zeros_like(x)
         if held.numel() == 0:
             return out
         local_held = local[held]
         order = torch.argsort(local_held, stable=True)
-        slots = held[order]  # flat (token, k) slots grouped by local expert
-        counts = torch.bincount(local_held, minlength=len(self.expert_ids)).tolist()
+        slots = held[order]
         tokens = slots // top_k
-        rows = x[tokens]
         weights = routing.weights.reshape(-1)[slots].to(x.dtype)
+        expert_out = self._grouped(x[tokens], local_held[order])
+        return out.index_add(0, tokens, expert_out * weights[:, None])
+
+    def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
+        return F.silu(gate) * up
+
+    def _single_token(self, x: torch.Tensor, local: list[int], weights: list[float]) -> torch.Tensor:
+        """Decode of one token: a plain loop over its few experts, no index bookkeeping."""
+        out = torch.zeros_like(x)
+        for e, w in zip(local, weights, strict=True):
+            if e >= 0:
+                out = out + w * (self._swiglu(x @ self.gate_up_proj[e].T) @ self.down_proj[e].T)
+        return out
+
+    def _grouped(self, rows: torch.Tensor, experts_sorted: torch.Tensor) -> torch.Tensor:
+        """Many pairs: one matmul pair per expert over its contiguous rows."""
+        counts = torch.bincount(experts_sorted, minlength=len(self.expert_ids)).tolist()
         pieces = []
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
                 continue
             seg = rows[start : start + count]
-            act = F.silu(seg @ self.gate_proj[e].T) * (seg @ self.up_proj[e].T)
-            pieces.append(act @ self.down_proj[e].T)
+            pieces.append(self._swiglu(seg @ self.gate_up_proj[e].T) @ self.down_proj[e].T)
             start += count
-        expert_out = torch.cat(pieces) * weights[:, None]
-        return out.index_add(0, tokens, expert_out)
+        return torch.cat(pieces)
 
 
 class MoE(nn.Module):

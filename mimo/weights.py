@@ -38,13 +38,16 @@ def hub_shapes(config: MiMoConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a complete hub checkpoint with its logical shape."""
     with torch.device("meta"):
         model = MiMoForCausalLM(config)
+    h, inter = config.hidden_size, config.moe_intermediate_size
+    per_proj = {"gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, param in model.named_parameters():
         if ".mlp.experts." in name:
-            layer = int(name.split(".")[2])
-            proj = name.rsplit(".", 1)[1]
-            for e in range(config.num_experts):
-                shapes[expert_tensor_name(layer, e, proj)] = tuple(param.shape[1:])
+            if name.endswith("gate_up_proj"):
+                layer = int(name.split(".")[2])
+                for e in range(config.num_experts):
+                    for proj, shape in per_proj.items():
+                        shapes[expert_tensor_name(layer, e, proj)] = shape
         else:
             shapes[name] = tuple(param.shape)
     return shapes
@@ -56,18 +59,22 @@ def is_fp32_tensor(name: str) -> bool:
 
 
 def hub_state_from_model(model: MiMoForCausalLM) -> dict[str, torch.Tensor]:
-    """The model's parameters under hub names (experts unstacked), e.g. to write a checkpoint."""
+    """The model's parameters under hub names (experts unstacked, gate/up split), e.g. to save."""
     out: dict[str, torch.Tensor] = {}
     for name, param in model.state_dict().items():
-        if ".mlp.experts." in name:
-            layer = int(name.split(".")[2])
-            proj = name.rsplit(".", 1)[1]
-            experts_mod = model.get_submodule(name.rsplit(".", 1)[0])
-            assert isinstance(experts_mod, Experts)
-            for local, e in enumerate(experts_mod.expert_ids):
-                out[expert_tensor_name(layer, e, proj)] = param[local].contiguous()
-        else:
+        if ".mlp.experts." not in name:
             out[name] = param
+            continue
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        assert isinstance(module, Experts)
+        layer = int(name.split(".")[2])
+        inter = module.intermediate_size
+        for local, e in enumerate(module.expert_ids):
+            if name.endswith("gate_up_proj"):
+                out[expert_tensor_name(layer, e, "gate_proj")] = param[local, :inter].contiguous()
+                out[expert_tensor_name(layer, e, "up_proj")] = param[local, inter:].contiguous()
+            else:
+                out[expert_tensor_name(layer, e, "down_proj")] = param[local].contiguous()
     return out
 
 
@@ -118,7 +125,8 @@ def load_tensors(
 
 
 def stack_experts(config: MiMoConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hub tensors -> model state: per-expert tensors stacked per (layer, proj) in expert-id order."""
+    """Hub tensors -> model state: per-expert tensors stacked per layer in expert-id order, gate and
+    up fused into gate_up_proj [E, 2I, H]."""
     state: dict[str, torch.Tensor] = {}
     grouped: dict[tuple[int, str], list[tuple[int, torch.Tensor]]] = {}
     for name, t in tensors.items():
@@ -129,8 +137,18 @@ def stack_experts(config: MiMoConfig, tensors: Mapping[str, torch.Tensor]) -> di
             layer, e, proj = parsed
             grouped.setdefault((layer, proj), []).append((e, t))
     for (layer, proj), items in grouped.items():
+        if proj == "up_proj":
+            continue
         items.sort(key=lambda it: it[0])
-        state[f"model.layers.{layer}.mlp.experts.{proj}"] = torch.stack([t for _, t in items])
+        prefix = f"model.layers.{layer}.mlp.experts."
+        if proj == "down_proj":
+            state[prefix + "down_proj"] = torch.stack([t for _, t in items])
+        else:
+            ups = sorted(grouped[(layer, "up_proj")], key=lambda it: it[0])
+            assert [e for e, _ in ups] == [e for e, _ in items], f"layer {layer}: gate and up experts differ"
+            state[prefix + "gate_up_proj"] = torch.stack(
+                [torch.cat((g, u)) for (_, g), (_, u) in zip(items, ups, strict=True)]
+            )
     return state
 
 

@@ -4,8 +4,8 @@ A step feeds each sequence a segment of tokens (a prefill chunk, one decode toke
 MTP drafts) at known positions. `AttentionBatch` is built once per step and per pool (GA or SWA):
 where each new token's K/V goes (flat slot = block * block_size + offset) and, per group of
 segments with the same query count, which slots to gather and the visibility mask (causal, and on
-SWA the window). Every layer of that type reuses it: write K/V, gather, one SDPA call per group.
-Sinks enter as one extra zero key whose mask column holds s_h (exactly exp(s_h) in the denominator).
+SWA the window). Every layer of that type reuses it: write K/V, gather, one attention per group.
+Sinks add exp(s_h) to each query head's softmax denominator and carry no value.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,7 @@ class Segment:
 
 @dataclass(frozen=True)
 class Group:
-    """Segments with the same query count, attended in one SDPA call."""
+    """Segments with the same query count, attended together."""
 
     rows: torch.Tensor  # [B, Q] flat row index of each query
     key_slots: torch.Tensor  # [B, S] flat slot of each gathered key (padding -> slot 0, masked)
@@ -113,7 +112,7 @@ def _group(
     window: int | None,
     device: torch.device,
 ) -> Group:
-    """tables [B, blocks], starts/first_rows [B]: one SDPA call's gather indices and mask."""
+    """tables [B, blocks], starts/first_rows [B]: one attention call's gather indices and mask."""
     ends = starts + num_q  # exclusive
     firsts = torch.zeros_like(starts) if window is None else (starts - window).clamp(min=0)
     num_keys = int((ends - firsts).max())
@@ -141,24 +140,30 @@ def paged_attention(
     scale: float,
     sinks: torch.Tensor | None,
 ) -> torch.Tensor:
-    """q [N, Hq, Dqk], k_new/v_new [N, Hkv, D*]: writes the new K/V, then attends. -> [N, Hq, Dv]."""
+    """q [N, Hq, Dqk], k_new/v_new [N, Hkv, D*]: writes the new K/V, then attends. -> [N, Hq, Dv].
+
+    Written out with matmuls rather than SDPA: q/k and v head dims differ, which sends SDPA to its
+    slow math path, and GQA here needs only a view (query heads of one KV head side by side).
+    """
     cache_k[batch.write_slots] = k_new.to(cache_k.dtype)
     cache_v[batch.write_slots] = v_new.to(cache_v.dtype)
-    num_q_heads = q.shape[1]
+    num_q_heads, num_kv_heads = q.shape[1], cache_k.shape[1]
+    group = num_q_heads // num_kv_heads
     out = q.new_empty(q.shape[0], num_q_heads, cache_v.shape[-1])
+    sink = None if sinks is None else sinks.float().view(1, num_kv_heads, group, 1, 1)  # [1, Hkv, G, 1, 1]
     for g in batch.groups:
-        qg = q[g.rows].transpose(1, 2)  # [B, Hq, Q, Dqk]
-        kg = cache_k[g.key_slots].transpose(1, 2)  # [B, Hkv, S, Dqk]
-        vg = cache_v[g.key_slots].transpose(1, 2)  # [B, Hkv, S, Dv]
-        mask = g.mask
-        if sinks is not None:
-            b, _, num_q, _ = mask.shape
-            kg = torch.cat((kg, kg.new_zeros(b, kg.shape[1], 1, kg.shape[-1])), dim=2)
-            vg = torch.cat((vg, vg.new_zeros(b, vg.shape[1], 1, vg.shape[-1])), dim=2)
-            sink_col = sinks.float().view(1, num_q_heads, 1, 1).expand(b, num_q_heads, num_q, 1)
-            mask = torch.cat((mask.expand(b, num_q_heads, num_q, mask.shape[-1]), sink_col), dim=-1)
-        o = F.scaled_dot_product_attention(
-            qg, kg.to(q.dtype), vg.to(q.dtype), attn_mask=mask.to(q.dtype), scale=scale, enable_gqa=True
-        )  # [B, Hq, Q, Dv]
-        out[g.rows] = o.transpose(1, 2)
+        b, num_q = g.rows.shape
+        qg = q[g.rows].view(b, num_q, num_kv_heads, group, -1).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Q, D]
+        kg = cache_k[g.key_slots].permute(0, 2, 3, 1).to(q.dtype)  # [B, Hkv, D, S]
+        vg = cache_v[g.key_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, S, Dv]
+        scores = torch.matmul(qg.reshape(b, num_kv_heads, group * num_q, -1), kg).float() * scale
+        scores = scores.view(b, num_kv_heads, group, num_q, -1) + g.mask.unsqueeze(1)  # [B, Hkv, G, Q, S]
+        if sink is not None:  # the sink is one more logit column with no value vector
+            scores = torch.cat((scores, sink.expand(b, -1, -1, num_q, 1)), dim=-1)
+            p = torch.softmax(scores, dim=-1)[..., :-1]
+        else:
+            p = torch.softmax(scores, dim=-1)
+        p = p.to(vg.dtype).reshape(b, num_kv_heads, group * num_q, -1)
+        o = torch.matmul(p, vg).view(b, num_kv_heads, group, num_q, -1)  # [B, Hkv, G, Q, Dv]
+        out[g.rows] = o.permute(0, 3, 1, 2, 4).reshape(b, num_q, num_q_heads, -1)
     return out

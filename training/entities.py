@@ -6,6 +6,7 @@ them measures whether the tiny model learned to copy arguments rather than to me
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import random
@@ -242,10 +243,17 @@ def stdlib_doc_entries() -> tuple[tuple[str, str], ...]:
     return tuple(entries)
 
 
+def _is_heldout_name(qualname: str) -> bool:
+    """One name in eight is held out, decided by the name alone: libraries that patch stdlib
+    functions on import (torch patches inspect.getfile, ray inspect.isgenerator) add or drop
+    entries, and a positional split would then move other names between train and held-out."""
+    return hashlib.blake2b(qualname.encode(), digest_size=2).digest()[0] % 8 == 7
+
+
 def doc_entries() -> Pool[tuple[str, str]]:
-    """`stdlib_doc_entries` split: every eighth entry is held out."""
+    """`stdlib_doc_entries` split by name into training and held-out entries."""
     entries = stdlib_doc_entries()
     return Pool(
-        train=tuple(e for i, e in enumerate(entries) if i % 8 != 7),
-        heldout=tuple(e for i, e in enumerate(entries) if i % 8 == 7),
+        train=tuple(e for e in entries if not _is_heldout_name(e[0])),
+        heldout=tuple(e for e in entries if _is_heldout_name(e[0])),
     )

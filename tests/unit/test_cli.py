@@ -51,7 +51,7 @@ def test_prompt_longer_than_context(tmp_path: Path, capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize(
     ("flag", "value", "field"),
     [
-        ("--max-tokens", "0", "max_new_tokens"),
+        ("--max-tokens", "0", "max_tokens"),
         ("--temperature", "-1", "temperature"),
         ("--top-p", "0", "top_p"),
     ],

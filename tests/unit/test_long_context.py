@@ -54,9 +54,10 @@ def test_kv_memory_matches_hybrid_theory_at_4k_and_32k() -> None:
         full, swa, seq = _peak_kv_bytes(n)
         theory = kv_bytes_for_sequence(config, n, dtype_bytes=4)
         assert theory < kv_bytes_for_sequence(config, n, hybrid=False, dtype_bytes=4)
-        # the pools hold whole blocks: GA rounds up to a block, SWA holds the window plus the
-        # prefill chunk being written (2048 tokens) plus block edges
-        assert full == -(-(n + 1) // BLOCK) * BLOCK * 2 * 2 * (48 + 32) * 4
+        # GA: every prompt token (n is a multiple of the block), exactly the theory's GA share;
+        # SWA: the window plus the prefill chunk being written (2048 tokens) plus block edges
+        ga_theory = theory - 4 * 65 * 4 * (48 + 32) * 4  # minus 4 SWA layers x (window + 1) tokens
+        assert full == n * 2 * 2 * (48 + 32) * 4 == ga_theory
         swa_window_bytes = 4 * 4 * (48 + 32) * 4  # 4 SWA layers x 4 KV heads x (48+32) x fp32, per token
         assert swa <= (64 + 2048 + 2 * BLOCK) * swa_window_bytes
         measured[n] = (full, swa, theory)
