@@ -82,16 +82,27 @@ class ModelRunner:
                 if result.logprobs[j] is not None:
                     extras = TokenLogprobs([float(result.logprobs[j] or 0.0)], [result.top_logprobs[j] or []])
                 out[i] = ([result.token_ids[j]], extras)
-        for i, s in enumerate(seqs):
-            if not (s.is_last_chunk and s.draft_token_ids):
-                continue
+        verify = [i for i, s in enumerate(seqs) if s.is_last_chunk and s.draft_token_ids]
+        if not verify:
+            return out
+        spans = [(row_starts[i] + len(seqs[i].token_ids) - len(seqs[i].draft_token_ids) - 1, i) for i in verify]
+        logits = self.paged.logits(
+            torch.cat([hidden[first : first + len(seqs[i].draft_token_ids) + 1] for first, i in spans])
+        )  # [sum(k+1), V], one lm_head call for every verifying sequence
+        best = logits.argmax(dim=-1).tolist()
+        offset = 0
+        for _, i in spans:
+            s = seqs[i]
             k = len(s.draft_token_ids)
-            first = row_starts[i] + len(s.token_ids) - k - 1
-            logits = self.paged.logits(hidden[first : first + k + 1])  # [k+1, V]
+            seq_logits = logits[offset : offset + k + 1]
             row = rows[s.request_id]
-            target = build_target_probs(logits, row, s.draft_token_ids)
-            emitted = accept_drafts(target, s.draft_token_ids, None, row.generator, row.is_greedy)
-            out[i] = (emitted, _logprobs(logits, emitted, row))
+            if _plain_greedy(row):  # exact-match acceptance straight from the argmaxes
+                emitted = _accept_greedy(s.draft_token_ids, best[offset : offset + k + 1])
+            else:
+                target = build_target_probs(seq_logits, row, s.draft_token_ids)
+                emitted = accept_drafts(target, s.draft_token_ids, None, row.generator, row.is_greedy)
+            out[i] = (emitted, _logprobs(seq_logits, emitted, row))
+            offset += k + 1
         return out
 
     def _draft(
@@ -125,6 +136,19 @@ class ModelRunner:
                 )
             )
         return self.drafter.run(items)
+
+
+def _plain_greedy(row: RowState) -> bool:
+    """Greedy with nothing that reshapes the logits (penalties, min_tokens): argmax of raw logits."""
+    return row.is_greedy and not row.has_penalties and not row.min_tokens_ids
+
+
+def _accept_greedy(drafts: list[int], best: list[int]) -> list[int]:
+    """Drafts while they equal the target's argmax, then the argmax at the first mismatch (or bonus)."""
+    for j, draft in enumerate(drafts):
+        if draft != best[j]:
+            return [*drafts[:j], best[j]]
+    return [*drafts, best[len(drafts)]]
 
 
 def _logprobs(logits: torch.Tensor, emitted: list[int], row: RowState) -> TokenLogprobs | None:
