@@ -74,7 +74,9 @@ def prompts(batch: int, length: int, tokenizer: Tokenizer) -> list[list[int]]:
     import json as json_module
     import textwrap
 
-    sources = [Path(m.__file__).read_text() for m in (json_module, textwrap, statistics, argparse, subprocess)]
+    sources = [
+        Path(m.__file__).read_text() for m in (json_module, textwrap, statistics, argparse, subprocess)
+    ]
     ids = [t for src in sources for t in tokenizer.encode(src)]
     stride = max(length, (len(ids) - length) // max(1, batch))
     return [ids[i * stride : i * stride + length] for i in range(batch)]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from cluster.inspect_report import inspect_report, render_text
+from cluster.inspect_report import deployment_memory, inspect_report, render_text
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-tiny"
 
@@ -76,7 +76,17 @@ def _generate(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from mimo.config import MiMoConfig
 
-    report = inspect_report(MiMoConfig.from_file(args.path), args.context)
+    config = MiMoConfig.from_file(args.path)
+    report = inspect_report(config, args.context)
+    if args.shards is not None:
+        report["deployment"] = deployment_memory(
+            config,
+            num_shards=args.shards,
+            num_redundant=args.redundant,
+            weight_dtype=args.weight_dtype,
+            kv_seqs=args.kv_seqs,
+            context=args.context,
+        )
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     return 0
 
@@ -104,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("path", type=Path, help="checkpoint directory or config.json")
     ins.add_argument("--context", type=int, default=262144, help="sequence length for the KV figures")
     ins.add_argument("--json", action="store_true")
+    ins.add_argument(
+        "--shards", type=int, default=None, help="size a deployment with this many expert shards"
+    )
+    ins.add_argument("--redundant", type=int, default=0, help="redundant expert copies in the pool (EPLB)")
+    ins.add_argument("--weight-dtype", choices=["fp8", "bf16", "fp32"], default="fp8")
+    ins.add_argument(
+        "--kv-seqs", type=int, default=1, help="sequences of --context tokens per attention replica"
+    )
     ins.set_defaults(func=_inspect)
     return parser
 

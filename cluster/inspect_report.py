@@ -43,6 +43,48 @@ def inspect_report(config: MiMoConfig, context: int) -> dict[str, Any]:
     }
 
 
+WEIGHT_BYTES = {"fp8": 1, "bf16": 2, "fp32": 4}
+
+
+def deployment_memory(
+    config: MiMoConfig,
+    *,
+    num_shards: int,
+    num_redundant: int,
+    weight_dtype: str,
+    kv_seqs: int,
+    context: int,
+) -> dict[str, Any]:
+    """Bytes per expert shard and per attention replica for a disaggregated deployment.
+
+    A shard holds ceil((MoE layers x experts + redundant copies) / shards) experts; an attention
+    replica holds everything else (embedding, attention, dense layer 0, routers, norms, lm_head, MTP)
+    plus bf16 KV for `kv_seqs` sequences of `context` tokens in the hybrid layout. Routers and norms
+    are counted at the weight dtype too (they are <0.1% of the total).
+    """
+    if num_shards < 1 or num_redundant < 0 or kv_seqs < 0:
+        raise ValueError("--shards must be >= 1 and --redundant, --kv-seqs >= 0")
+    if weight_dtype not in WEIGHT_BYTES:
+        raise ValueError(f"--weight-dtype must be one of {sorted(WEIGHT_BYTES)}, got {weight_dtype!r}")
+    counts = param_counts(config)
+    wb = WEIGHT_BYTES[weight_dtype]
+    num_moe = sum(config.is_moe_layer)
+    experts_per_shard = -(-(num_moe * config.num_experts + num_redundant) // num_shards)
+    dense_params = counts.total - counts.experts
+    kv = kv_seqs * kv_bytes_for_sequence(config, context)
+    return {
+        "weight_dtype": weight_dtype,
+        "num_shards": num_shards,
+        "num_redundant_experts": num_redundant,
+        "experts_per_shard": experts_per_shard,
+        "bytes_per_expert_shard": experts_per_shard * counts.per_expert * wb,
+        "attention_replica_weight_bytes": dense_params * wb,
+        "attention_replica_kv_bytes": kv,
+        "bytes_per_attention_replica": dense_params * wb + kv,
+        "kv_seqs": kv_seqs,
+    }
+
+
 def render_text(report: dict[str, Any]) -> str:
     gib = 2**30
     layers = report["layers"]
@@ -59,4 +101,12 @@ def render_text(report: dict[str, Any]) -> str:
         f"all-global {report['kv_bytes_all_global'] / gib:.3f} GiB "
         f"({report['kv_all_global_over_hybrid']}x)",
     ]
+    if "deployment" in report:
+        d = report["deployment"]
+        lines.append(
+            f"deployment ({d['weight_dtype']} weights): {d['num_shards']} expert shards of "
+            f"{d['experts_per_shard']} experts, {d['bytes_per_expert_shard'] / gib:.1f} GiB each; "
+            f"attention replica {d['attention_replica_weight_bytes'] / gib:.1f} GiB weights + "
+            f"{d['attention_replica_kv_bytes'] / gib:.1f} GiB KV ({d['kv_seqs']} x {report['context']} tokens)"
+        )
     return "\n".join(lines)

@@ -19,6 +19,8 @@ from mimo.config import MiMoConfig
 
 # A single token with up to this many chosen experts takes the plain loop (decode at batch 1).
 _PAIR_LOOP_MAX = 16
+# Padded batched experts while E_local x max rows per expert stays within this many x the pairs.
+_PADDED_WASTE_MAX = 4
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,13 @@ class Experts(nn.Module):
         slots = held[order]
         tokens = slots // top_k
         weights = routing.weights.reshape(-1)[slots].to(x.dtype)
-        expert_out = self._grouped(x[tokens], local_held[order])
+        experts_sorted = local_held[order]
+        counts = torch.bincount(experts_sorted, minlength=len(self.expert_ids))
+        capacity = int(counts.max())
+        if capacity * len(self.expert_ids) <= _PADDED_WASTE_MAX * held.numel():
+            expert_out = self._padded(x[tokens], experts_sorted, counts, capacity)
+        else:
+            expert_out = self._grouped(x[tokens], experts_sorted, counts.tolist())
         return out.index_add(0, tokens, expert_out * weights[:, None])
 
     def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -100,9 +108,20 @@ class Experts(nn.Module):
                 out = out + w * (self._swiglu(x @ self.gate_up_proj[e].T) @ self.down_proj[e].T)
         return out
 
-    def _grouped(self, rows: torch.Tensor, experts_sorted: torch.Tensor) -> torch.Tensor:
+    def _padded(
+        self, rows: torch.Tensor, experts_sorted: torch.Tensor, counts: torch.Tensor, capacity: int
+    ) -> torch.Tensor:
+        """Rows scattered into a zero-padded [E_local, capacity, H] batch: two bmm calls for all experts
+        (a few ops instead of a loop over experts; padding wastes at most _PADDED_WASTE_MAX x)."""
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(rows.shape[0], device=rows.device) - starts[experts_sorted]
+        batch = rows.new_zeros(len(self.expert_ids), capacity, rows.shape[1])
+        batch[experts_sorted, slot] = rows
+        act = self._swiglu(torch.bmm(batch, self.gate_up_proj.transpose(1, 2)))  # [E, C, I]
+        return torch.bmm(act, self.down_proj.transpose(1, 2))[experts_sorted, slot]  # [P, H]
+
+    def _grouped(self, rows: torch.Tensor, experts_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Many pairs: one matmul pair per expert over its contiguous rows."""
-        counts = torch.bincount(experts_sorted, minlength=len(self.expert_ids)).tolist()
         pieces = []
         start = 0
         for e, count in enumerate(counts):

@@ -80,7 +80,7 @@ class ExpertPool:
         group = placement_group(bundles * placement.num_shards, strategy=strategy)
         ray.get(group.ready())
         actor_cls = ray.remote(ExpertShardActor)
-        actors = [
+        actors: list[Any] = [
             actor_cls.options(
                 num_cpus=resources.num_cpus,
                 num_gpus=resources.num_gpus,

@@ -85,7 +85,9 @@ class ModelRunner:
         verify = [i for i, s in enumerate(seqs) if s.is_last_chunk and s.draft_token_ids]
         if not verify:
             return out
-        spans = [(row_starts[i] + len(seqs[i].token_ids) - len(seqs[i].draft_token_ids) - 1, i) for i in verify]
+        spans = [
+            (row_starts[i] + len(seqs[i].token_ids) - len(seqs[i].draft_token_ids) - 1, i) for i in verify
+        ]
         logits = self.paged.logits(
             torch.cat([hidden[first : first + len(seqs[i].draft_token_ids) + 1] for first, i in spans])
         )  # [sum(k+1), V], one lm_head call for every verifying sequence

@@ -99,3 +99,18 @@ def test_missing_config_file(tmp_path: Path) -> None:
     """Catches a missing config.json surfacing as an obscure error."""
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         MiMoConfig.from_file(tmp_path)
+
+
+def test_deployment_memory_for_the_release() -> None:
+    """Catches sizing arithmetic that would mislead a GPU deployment (shard and replica bytes)."""
+    from cluster.inspect_report import deployment_memory
+
+    config = MiMoConfig.from_hub_dict(released())
+    d = deployment_memory(
+        config, num_shards=8, num_redundant=32, weight_dtype="fp8", kv_seqs=16, context=65536
+    )
+    assert d["experts_per_shard"] == (47 * 256 + 32) // 8 == 1508
+    assert d["bytes_per_expert_shard"] == 1508 * 3 * 4096 * 2048
+    dense = 309_766_601_088 - 47 * 256 * 3 * 4096 * 2048
+    assert d["attention_replica_weight_bytes"] == dense
+    assert d["attention_replica_kv_bytes"] == 16 * (9 * 2560 * 65536 + 39 * 5120 * 129)
