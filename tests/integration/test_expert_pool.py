@@ -83,3 +83,26 @@ def test_killed_shard_is_restarted_and_no_request_is_lost(ray_cluster: object, c
         assert ray.get(pool.actors[1].pid.remote()) != victim  # it really died and came back
     finally:
         pool.shutdown()
+
+
+def test_two_attention_replicas_share_one_pool(ray_cluster: object, checkpoint: Path) -> None:
+    """Catches interference between attention replicas that share expert shards (M-to-N traffic):
+    two engines, each with its own KV cache, run concurrently against one 2-shard pool."""
+    expected = _outputs(_engine(checkpoint, None), PROMPTS)
+    placement = initial_placement(list(range(1, 7)), 16, 2)
+    pool = ExpertPool.start(checkpoint, placement, ShardResources(num_cpus=0.5))
+    try:
+        engines = [_engine(checkpoint, ExpertDispatcher(pool.transport(), placement, 16)) for _ in range(2)]
+        results: list[list[list[int]]] = [[], []]
+
+        def run(i: int) -> None:
+            results[i] = _outputs(engines[i], PROMPTS)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == [expected, expected]
+    finally:
+        pool.shutdown()
