@@ -39,9 +39,6 @@ class ExpertTransport(abc.ABC):
     def wait(self, handle: object) -> list[torch.Tensor]:
         """Partial outputs [R, H], one per message, in message order."""
 
-    def set_placement(self, placement: ExpertPlacement) -> None:  # noqa: B027 - optional hook
-        """Transports that must prepare for a new placement (load weights) override this."""
-
 
 @dataclass(frozen=True)
 class _LayerTable:
@@ -74,13 +71,12 @@ class ExpertDispatcher:
         self._tables = layer_tables(placement, num_experts)
 
     def set_placement(self, placement: ExpertPlacement) -> None:
-        """Atomic switch: later calls route by the new table (the transport has the weights ready)."""
+        """Atomic switch: later calls route by the new table; the shards must already hold it."""
         tables = layer_tables(placement, self.num_experts)
-        self.transport.set_placement(placement)
         self.placement, self._tables = placement, tables
 
     def messages(self, layer: int, x: torch.Tensor, routing: Routing) -> list[ShardMessage]:
-        table = self._tables[layer]
+        table = self._tables[layer]  # read once: a concurrent switch never splits a call
         ids = routing.expert_ids  # [N, k]
         flat = ids.reshape(-1).cpu()
         order = torch.argsort(flat, stable=True)

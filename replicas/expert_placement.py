@@ -119,3 +119,17 @@ def balancedness(placement: ExpertPlacement, load: Mapping[ExpertKey, float]) ->
         if max(loads) > 0:
             values.append(sum(loads) / len(loads) / max(loads))
     return sum(values) / len(values) if values else 1.0
+
+
+class LoadTracker:
+    """Exponential moving average of tokens per (layer, expert) from shards' periodic counts."""
+
+    def __init__(self, decay: float = 0.8) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.load: dict[ExpertKey, float] = {}
+
+    def update(self, counts: Mapping[ExpertKey, int]) -> None:
+        for key in set(self.load) | set(counts):
+            self.load[key] = self.decay * self.load.get(key, 0.0) + (1 - self.decay) * counts.get(key, 0)

@@ -18,7 +18,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from replicas.dispatch import ExpertTransport, ShardMessage
+from replicas.dispatch import ExpertDispatcher, ExpertTransport, ShardMessage
 from replicas.expert_placement import ExpertKey, ExpertPlacement
 from replicas.expert_shard import ExpertShard
 
@@ -44,10 +44,20 @@ class ExpertShardActor:
     def drain_stats(self) -> dict[str, object]:
         return self.shard.drain_stats()
 
-    def load_experts(self, keys: list[ExpertKey]) -> int:
-        """Loads a new expert set (EPLB) beside the old one, then swaps; returns the pid."""
-        self.shard = ExpertShard.load(self.path, keys, self.dtype)
-        return os.getpid()
+    def prepare(self, keys: list[ExpertKey]) -> int:
+        """EPLB step 1, beside live traffic: load the experts of the new placement that are not held
+        yet and swap in a shard holding old + new (old-map traffic keeps working); returns #loaded."""
+        old = self.shard
+        missing = sorted(set(keys) - set(old.keys))
+        if missing:
+            union = sorted(set(old.keys) | set(keys))
+            merged = ExpertShard.load(self.path, union, self.dtype)
+            self.shard = merged  # one reference assignment: a compute in flight keeps its shard
+        return len(missing)
+
+    def finalize(self, keys: list[ExpertKey]) -> None:
+        """EPLB step 3, after every dispatcher switched: drop experts the new placement moved away."""
+        self.shard = self.shard.subset(keys)
 
     def pid(self) -> int:
         return os.getpid()
@@ -86,6 +96,7 @@ class ExpertPool:
                 num_gpus=resources.num_gpus,
                 max_restarts=-1,
                 max_task_retries=-1,
+                max_concurrency=2,  # EPLB loads run beside compute calls
                 runtime_env={"env_vars": ZERO_COPY_ENV},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
             ).remote(str(path), placement.experts_of_shard(s), dtype, resources.threads)
@@ -96,6 +107,19 @@ class ExpertPool:
 
     def transport(self) -> RayTransport:
         return RayTransport(self.actors)
+
+    def move_to(self, placement: ExpertPlacement, dispatchers: list[ExpertDispatcher]) -> int:
+        """Moves the pool to `placement` while traffic runs: load (old + new held), switch every
+        dispatcher's table atomically, then drop what moved away. Returns experts loaded."""
+        keys = [placement.experts_of_shard(s) for s in range(len(self.actors))]
+        loaded = sum(ray.get([a.prepare.remote(k) for a, k in zip(self.actors, keys, strict=True)]))
+        for dispatcher in dispatchers:
+            dispatcher.set_placement(placement)
+        ray.get([a.finalize.remote(k) for a, k in zip(self.actors, keys, strict=True)])
+        return int(loaded)
+
+    def drain_stats(self) -> list[dict[str, object]]:
+        return list(ray.get([a.drain_stats.remote() for a in self.actors]))
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -114,6 +138,3 @@ class RayTransport(ExpertTransport):
         assert isinstance(handle, list)
         results: list[torch.Tensor] = ray.get(handle)
         return results
-
-    def set_placement(self, placement: ExpertPlacement) -> None:
-        ray.get([a.load_experts.remote(placement.experts_of_shard(s)) for s, a in enumerate(self.actors)])

@@ -27,7 +27,7 @@ class ExpertShard:
     def __init__(self, config: MiMoConfig, experts: dict[int, Experts]) -> None:
         self.config = config
         self.experts = experts  # layer -> the experts of that layer held here
-        self.token_counts: dict[ExpertKey, int] = {}
+        self.token_counts: dict[int, torch.Tensor] = {}  # layer -> tokens per global expert id [E]
         self.compute_s = 0.0
         self.num_messages = 0
 
@@ -53,6 +53,25 @@ class ExpertShard:
             experts[layer] = module.eval()
         return ExpertShard(config, experts)
 
+    def subset(self, keys: Sequence[ExpertKey]) -> ExpertShard:
+        """A shard holding only `keys` (all held here), sliced from this one without a disk read."""
+        by_layer: dict[int, list[int]] = {}
+        for layer, e in keys:
+            by_layer.setdefault(layer, []).append(e)
+        experts: dict[int, Experts] = {}
+        for layer, ids in by_layer.items():
+            old = self.experts[layer]
+            ids = sorted(ids)
+            index = old.local_index[torch.tensor(ids)]
+            assert bool((index >= 0).all()), f"layer {layer}: subset asks for experts not held here"
+            with torch.device("meta"):
+                module = Experts(self.config, expert_ids=ids)
+            module.load_state_dict(
+                {"gate_up_proj": old.gate_up_proj[index], "down_proj": old.down_proj[index]}, assign=True
+            )
+            experts[layer] = module.eval()
+        return ExpertShard(self.config, experts)
+
     @property
     def keys(self) -> list[ExpertKey]:
         return sorted((layer, e) for layer, m in self.experts.items() for e in m.expert_ids)
@@ -65,18 +84,27 @@ class ExpertShard:
         start = time.perf_counter()
         module = self.experts[layer]
         out = module(x, Routing(expert_ids, weights))
-        held = module.local_index[expert_ids] >= 0
-        for e, n in zip(*torch.unique(expert_ids[held], return_counts=True), strict=True):
-            key = (layer, int(e))
-            self.token_counts[key] = self.token_counts.get(key, 0) + int(n)
+        # NOT_HERE pairs carry id num_experts and fall in the dropped last bin
+        counts = torch.bincount(expert_ids.flatten(), minlength=self.config.num_experts + 1)[:-1]
+        counts = counts * (module.local_index[:-1] >= 0)  # only experts held here
+        if layer in self.token_counts:
+            self.token_counts[layer] += counts
+        else:
+            self.token_counts[layer] = counts
         self.compute_s += time.perf_counter() - start
         self.num_messages += 1
         return out
 
     def drain_stats(self) -> dict[str, object]:
         """Per-expert token counts and compute seconds since the last drain."""
+        token_counts = {
+            (layer, e): int(n)
+            for layer, c in self.token_counts.items()
+            for e, n in enumerate(c.tolist())
+            if n
+        }
         stats: dict[str, object] = {
-            "token_counts": dict(self.token_counts),
+            "token_counts": token_counts,
             "compute_s": self.compute_s,
             "messages": self.num_messages,
         }

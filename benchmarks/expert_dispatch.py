@@ -1,0 +1,183 @@
+"""Expert dispatch cost per MoE layer and decode throughput: in-process vs Ray vs collective (gloo).
+
+A random checkpoint with the tiny model's MoE shape (hidden 256, 16 experts top-4, width 96) is
+written once; for 1, 2 and 4 shards each transport runs one MoE layer on 8 decode rows (median µs
+over many calls; overhead = that minus the in-process time) and an engine decodes 8 sequences x 32
+tokens through it. Ray shards live on a local Ray instance, collective shards in spawned processes
+joined by a gloo group on 127.0.0.1. Writes benchmarks/results/expert_dispatch.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] = "1"
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mimo.config import MiMoConfig  # noqa: E402
+from mimo.moe import MoE  # noqa: E402
+from mimo.tokenizer import Tokenizer  # noqa: E402
+from mimo.weights import load_model  # noqa: E402
+from replicas.dispatch import ExpertDispatcher, ExpertTransport  # noqa: E402
+from replicas.engine import Engine, GenerateRequest  # noqa: E402
+from replicas.engine_config import EngineConfig  # noqa: E402
+from replicas.expert_placement import ExpertKey, initial_placement  # noqa: E402
+from replicas.expert_shard import ExpertShard  # noqa: E402
+from replicas.sampling_params import SamplingParams  # noqa: E402
+from replicas.transport_collective import CollectiveTransport, init_group, serve_shard  # noqa: E402
+from replicas.transport_local import InProcessTransport  # noqa: E402
+
+CKPT = ROOT / "benchmarks" / ".cache" / "dispatch-ckpt"
+TINY = ROOT / "checkpoints" / "mimo-tiny"
+MOE_LAYERS = list(range(1, 6))
+
+
+def make_checkpoint() -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tests.factory import random_config_dict, write_random_checkpoint
+
+    if not (CKPT / "config.json").exists():
+        cfg = random_config_dict(
+            num_layers=6, vocab_size=4096, hidden_size=256, moe_intermediate_size=96, intermediate_size=512,
+            num_attention_heads=8, num_key_value_heads=2, swa_num_attention_heads=8, swa_num_key_value_heads=4,
+            max_position_embeddings=1024, sliding_window_size=64,
+        )  # fmt: skip
+        write_random_checkpoint(CKPT, cfg)
+    return CKPT
+
+
+def layer_us(dispatcher: ExpertDispatcher, moe: MoE, rows: int, iters: int) -> float:
+    x = torch.randn(rows, moe.gate.weight.shape[1])
+    with torch.inference_mode():
+        routing = moe.gate(x)
+        for _ in range(10):
+            dispatcher.run(1, x, routing)
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            dispatcher.run(1, x, routing)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def decode_tok_s(dispatcher: ExpertDispatcher | None) -> float:
+    model = load_model(CKPT, experts="all" if dispatcher is None else "none")
+    engine = Engine(
+        model, Tokenizer.from_dir(TINY), EngineConfig(max_model_len=512, kv_cache_bytes=64 * 2**20)
+    )
+    engine.runner.paged.dispatcher = dispatcher
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    requests = [GenerateRequest(f"r{i}", list(range(10 + i, 42 + i)), params) for i in range(8)]
+    start = time.perf_counter()
+    out = engine.generate(requests)
+    return sum(len(c.token_ids) for chunks in out.values() for c in chunks) / (time.perf_counter() - start)
+
+
+def _shard_main(path: str, keys: list[ExpertKey], rank: int, world: int, port: int, hidden: int) -> None:
+    torch.set_num_threads(1)
+    shard = ExpertShard.load(path, keys)
+    init_group(rank, world, "127.0.0.1", port)
+    serve_shard(shard, hidden)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_transport(kind: str, num_shards: int, moe: MoE, hidden: int, iters: int) -> dict[str, Any]:
+    placement = initial_placement(MOE_LAYERS, 16, num_shards)
+    cleanup = None
+    transport: ExpertTransport
+    if kind == "in_process":
+        transport = InProcessTransport(
+            [ExpertShard.load(CKPT, placement.experts_of_shard(s)) for s in range(num_shards)]
+        )
+    elif kind == "ray":
+        from replicas.expert_pool import ExpertPool, ShardResources
+
+        pool = ExpertPool.start(CKPT, placement, ShardResources(num_cpus=0.01), strategy="PACK")
+        transport, cleanup = pool.transport(), pool.shutdown
+    else:
+        port = _free_port()
+        ctx = mp.get_context("spawn")
+        procs = [
+            ctx.Process(target=_shard_main, args=(str(CKPT), placement.experts_of_shard(s), s + 1, num_shards + 1, port, hidden))
+            for s in range(num_shards)
+        ]  # fmt: skip
+        for p in procs:
+            p.start()
+        init_group(0, num_shards + 1, "127.0.0.1", port)
+        collective = CollectiveTransport(num_shards, hidden)
+        transport = collective
+
+        def cleanup() -> None:
+            collective.shutdown()
+            for p in procs:
+                p.join(timeout=30)
+
+    try:
+        dispatcher = ExpertDispatcher(transport, placement, 16)
+        return {"layer_us": layer_us(dispatcher, moe, 8, iters), "decode_tok_s": decode_tok_s(dispatcher)}
+    finally:
+        if cleanup is not None:
+            cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "expert_dispatch.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    make_checkpoint()
+    config = MiMoConfig.from_file(CKPT)
+    model = load_model(CKPT)
+    moe = model.model.layers[1].mlp
+    assert isinstance(moe, MoE)
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    results: dict[str, Any] = {
+        "rows_per_layer_call": 8,
+        "decode": "8 sequences x 32 tokens",
+        "ping_pong": "not implemented yet",
+    }
+    try:
+        for shards in (1, 2, 4):
+            row = {
+                kind: run_transport(kind, shards, moe, config.hidden_size, args.iters)
+                for kind in ("in_process", "ray", "collective")
+            }
+            base = row["in_process"]["layer_us"]
+            for kind in ("ray", "collective"):
+                row[kind]["overhead_us"] = row[kind]["layer_us"] - base
+            row["ray_over_collective_layer"] = row["ray"]["layer_us"] / row["collective"]["layer_us"]
+            results[f"{shards}_shards"] = row
+            print(shards, json.dumps({k: v for k, v in row.items()}), flush=True)
+    finally:
+        ray.shutdown()
+    results["in_model_decode_tok_s"] = decode_tok_s(None)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
