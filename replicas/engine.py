@@ -66,7 +66,6 @@ class Chunk:
 class _Live:
     """Engine-side state of one request."""
 
-    request: GenerateRequest
     row: RowState
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
@@ -117,7 +116,6 @@ class Engine:
             )
         )
         self._live[request.request_id] = _Live(
-            request=request,
             row=RowState.create(p, request.prompt_token_ids, eos, self.device),
             detok=IncrementalDetokenizer(self.tokenizer),
             stops=StopStringMatcher(p.stop),

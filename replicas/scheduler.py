@@ -249,11 +249,7 @@ class Scheduler:
             update = self._apply(state, seq, outputs.get(seq.request_id))
             if update is not None:
                 updates.append(update)
-        for request_id in self._deferred_abort_ids:
-            if request_id in self._requests:
-                self._finish(self._requests[request_id], "abort")
-        self._deferred_abort_ids.clear()
-        self._in_flight_ids.clear()
+        self._end_step()
         return updates
 
     def fail_step(self, plan: StepPlan, message: str) -> list[RequestUpdate]:
@@ -275,12 +271,16 @@ class Scheduler:
                     message,
                 )
             )
+        self._end_step()
+        return updates
+
+    def _end_step(self) -> None:
+        """Aborts deferred while their step ran take effect; nothing is in flight any more."""
         for request_id in self._deferred_abort_ids:
             if request_id in self._requests:
                 self._finish(self._requests[request_id], "abort")
         self._deferred_abort_ids.clear()
         self._in_flight_ids.clear()
-        return updates
 
     def token_ids(self, request_id: str) -> list[int]:
         """The request's committed tokens (prompt, then accepted outputs); read-only for callers."""
