@@ -182,7 +182,10 @@ class Engine:
         live.row.output_token_ids.extend(new_ids)
         live.token_ids.extend(new_ids)
         text = "".join(live.detok.push(t) for t in new_ids)
-        emitted, stopped = live.stops.push(text)
+        if len(live.token_ids) - len(new_ids) >= live.row.params.min_tokens:
+            emitted, stopped = live.stops.push(text)
+        else:  # stop strings count only once min_tokens are out, as for stop token ids
+            emitted, stopped = text, False
         finish = update.finish_reason
         if stopped and finish is None:
             self.scheduler.abort(update.request_id)

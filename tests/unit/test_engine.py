@@ -163,3 +163,30 @@ def test_failed_step_ends_its_requests_and_engine_goes_on(monkeypatch: pytest.Mo
     monkeypatch.setattr(engine.runner, "execute", real)
     out = engine.generate([GenerateRequest("fine", [5, 6, 7], _greedy())])
     assert [t for c in out["fine"] for t in c.token_ids] == _reference((5, 6, 7))
+
+
+def test_stop_strings_wait_for_min_tokens() -> None:
+    """Catches a stop string ending a request before min_tokens tokens were generated."""
+    engine = Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200))
+    free = engine.generate([GenerateRequest("free", [5, 6, 7], _greedy())])["free"]
+    text = "".join(c.text for c in free)
+    stop = text[1:3]
+    assert stop and text.find(stop) < len(text) // 2
+    stopped = engine.generate(
+        [
+            GenerateRequest(
+                "s", [5, 6, 7], SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, stop=(stop,))
+            )
+        ]
+    )["s"]
+    assert stopped[-1].finish_reason == "stop" and sum(len(c.token_ids) for c in stopped) < NEW_TOKENS
+    waited = engine.generate(
+        [
+            GenerateRequest(
+                "w",
+                [5, 6, 7],
+                SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, stop=(stop,), min_tokens=6),
+            )
+        ]
+    )["w"]
+    assert sum(len(c.token_ids) for c in waited) >= 6
