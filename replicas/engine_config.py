@@ -33,15 +33,20 @@ class EngineConfig:
             )
 
 
+def pool_bytes_per_token(model: MiMoConfig, config: EngineConfig) -> tuple[int, int]:
+    """KV bytes one token takes in the GA pool (GA layers) and in the SWA pool (SWA layers plus the
+    MTP blocks used for drafting, exactly what the runner allocates)."""
+    num_full = sum(t is LayerType.FULL for t in model.layer_types)
+    num_swa = len(model.layer_types) - num_full + config.num_mtp_drafts
+    return (
+        num_full * kv_bytes_per_token(model.full_attention, config.kv_dtype_bytes),
+        num_swa * kv_bytes_per_token(model.sliding_attention, config.kv_dtype_bytes),
+    )
+
+
 def single_sequence_budget(model: MiMoConfig, config: EngineConfig, max_len: int) -> int:
     """KV bytes for one sequence of `max_len` tokens under `config` (what `mimo generate` needs)."""
-    full = sum(t is LayerType.FULL for t in model.layer_types) * kv_bytes_per_token(
-        model.full_attention, config.kv_dtype_bytes
-    )
-    num_swa = sum(t is LayerType.SLIDING for t in model.layer_types)
-    swa = (num_swa + config.num_mtp_drafts) * kv_bytes_per_token(
-        model.sliding_attention, config.kv_dtype_bytes
-    )
+    full, swa = pool_bytes_per_token(model, config)
     bs = config.block_size
     swa_tokens = (
         model.sliding_window_size + 2 * config.num_mtp_drafts + config.max_num_batched_tokens + 3 * bs
@@ -54,14 +59,8 @@ def single_sequence_budget(model: MiMoConfig, config: EngineConfig, max_len: int
 
 def build_layout(model: MiMoConfig, config: EngineConfig) -> KVLayout:
     config.validate(model)
-    num_full = sum(t is LayerType.FULL for t in model.layer_types)
-    num_swa = len(model.layer_types) - num_full + (model.num_mtp_layers if config.num_mtp_drafts else 0)
-    full_bytes = (
-        num_full * kv_bytes_per_token(model.full_attention, config.kv_dtype_bytes) * config.block_size
-    )
-    swa_bytes = (
-        num_swa * kv_bytes_per_token(model.sliding_attention, config.kv_dtype_bytes) * config.block_size
-    )
+    full, swa = pool_bytes_per_token(model, config)
+    full_bytes, swa_bytes = full * config.block_size, swa * config.block_size
     max_model_len = min(config.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
     return plan_layout(
         budget_bytes=config.kv_cache_bytes,

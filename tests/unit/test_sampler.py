@@ -1,7 +1,6 @@
 """Sampler: exact penalties and masks, greedy ties, seeded per-request determinism, raw logprobs."""
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,13 +19,7 @@ from replicas.sampling_params import SamplingParams
 NEG_INF = float("-inf")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Many small batched ops: one intra-op thread avoids OpenMP wake-ups on a shared box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _row(params: SamplingParams, prompt=(), output=(), eos=(), seed: int | None = 0) -> RowState:

@@ -2,7 +2,7 @@
 
 import bisect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,14 +11,7 @@ from replicas.sampler import RowState, make_generator, processed_probs
 from replicas.sampling_params import SamplingParams
 from replicas.spec_decode import accept_drafts, build_target_probs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Thousands of tiny tensor ops: one intra-op thread avoids OpenMP wake-ups on a shared box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _one_hot_rows(ids: list[int], vocab: int = 5) -> torch.Tensor:
