@@ -1,0 +1,168 @@
+"""`ClusterSpec`: the one configuration of a deployment, loaded from YAML.
+
+The local `mimo serve`, the Ray Serve config (`mimo serve --print-config`) and the Kubernetes
+manifests (`mimo render k8s`) are all rendered from it. Every field is described; unknown fields are
+rejected (`extra="forbid"`), and a bad value raises `SpecError` naming the field's dotted path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-tiny"
+
+
+class SpecError(ValueError):
+    """A cluster spec that cannot be used; `field` is the dotted path of the value at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Spec):
+    path: str = Field(
+        str(EMBEDDED_MODEL), description="checkpoint directory (config.json, safetensors, tokenizer)"
+    )
+    served_name: str = Field("mimo-tiny", description="model id clients send and /v1/models lists")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype of weights and KV")
+
+
+class EngineSpec(_Spec):
+    block_size: int = Field(16, ge=1, description="tokens per KV block (also the prefix-hash block)")
+    kv_cache_mib: int = Field(256, ge=1, description="KV cache budget per attention replica, MiB")
+    max_num_seqs: int = Field(64, ge=1, description="most requests running at once per replica")
+    max_num_batched_tokens: int = Field(1024, ge=16, description="token budget of one engine step")
+    max_prefill_chunk: int = Field(512, ge=1, description="longest prefill chunk of one request per step")
+    max_model_len: int | None = Field(None, ge=2, description="context limit; default the model's")
+    num_mtp_drafts: int = Field(0, ge=0, le=3, description="MTP draft tokens per step (0 = off)")
+    enable_prefix_cache: bool = Field(True, description="reuse KV blocks of equal prefixes")
+    max_queued_requests: int = Field(256, ge=1, description="waiting requests per replica before 503")
+    threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
+
+
+class AttentionSpec(_Spec):
+    num_replicas: int = Field(2, ge=1, description="attention replicas at start (data-parallel ranks)")
+    min_replicas: int = Field(1, ge=1, description="autoscaling lower bound")
+    max_replicas: int = Field(4, ge=1, description="autoscaling upper bound")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica")
+    max_ongoing_requests: int = Field(128, ge=1, description="Serve's in-flight limit per replica")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AttentionSpec:
+        if not self.min_replicas <= self.num_replicas <= self.max_replicas:
+            raise ValueError("need min_replicas <= num_replicas <= max_replicas")
+        return self
+
+
+class ExpertsSpec(_Spec):
+    num_shards: int = Field(2, ge=1, description="expert shard actors")
+    num_redundant: int = Field(0, ge=0, description="extra copies of hot experts (EPLB)")
+    transport: Literal["local", "ray"] = Field(
+        "ray", description="local: experts inside each attention replica; ray: shared shard actors"
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per shard")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per shard")
+    threads: int = Field(1, ge=1, description="torch intra-op threads per shard")
+    placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD"] = Field(
+        "SPREAD", description="placement group strategy for the shards over nodes"
+    )
+
+
+class RouterSpec(_Spec):
+    policy: Literal["prefix", "round_robin", "power_of_two"] = Field(
+        "prefix", description="how the gateway picks an attention replica"
+    )
+    prefix_weight: float = Field(1.0, ge=0, description="score per cached prefix token (in blocks)")
+    load_weight: float = Field(4.0, ge=0, description="score penalty per running+queued request")
+    kv_weight: float = Field(8.0, ge=0, description="score penalty per unit of KV usage (0..1)")
+    stale_after_s: float = Field(10.0, gt=0, description="replica stats older than this are ignored")
+
+
+class GatewaySpec(_Spec):
+    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI API")
+    num_replicas: int = Field(1, ge=1, description="gateway replicas")
+    api_keys_file: str | None = Field(
+        None, description="file with one API key per line (e.g. a mounted Kubernetes secret); none = no auth"
+    )
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body accepted")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="longest prompt accepted; default the context"
+    )
+    requests_per_minute: int | None = Field(None, ge=1, description="per-key request rate limit")
+    tokens_per_minute: int | None = Field(None, ge=1, description="per-key prompt+completion token limit")
+    max_pending_requests: int = Field(512, ge=1, description="requests in the gateway before 503")
+
+
+class ObservabilitySpec(_Spec):
+    metrics_port: int = Field(8080, ge=1, le=65535, description="Ray's per-node metrics export port")
+
+
+class AutoscalingSpec(_Spec):
+    enabled: bool = Field(True, description="run the application-level autoscaling policy")
+    target_kv_usage: float = Field(0.7, gt=0, le=1, description="scale attention up above this KV usage")
+    target_waiting_per_replica: float = Field(
+        2.0, ge=0, description="queued requests per replica to scale up"
+    )
+    ttft_slo_ms: float = Field(2000.0, gt=0, description="time-to-first-token SLO (p90)")
+    scale_down_kv_usage: float = Field(0.3, ge=0, le=1, description="scale down below this KV usage")
+    upscale_delay_s: float = Field(10.0, ge=0, description="condition must hold this long to scale up")
+    downscale_delay_s: float = Field(60.0, ge=0, description="condition must hold this long to scale down")
+    expert_target_load: float = Field(0.7, gt=0, le=1, description="busy fraction per shard to add shards")
+
+
+class KubernetesSpec(_Spec):
+    namespace: str = Field("mimo", description="namespace of every object")
+    image: str = Field("ghcr.io/mimo-serve/mimo-serve:0.1.0", description="container image")
+    head_cpu: str = Field("2", description="head pod CPU request")
+    head_memory: str = Field("8Gi", description="head pod memory request")
+    attention_cpu: str = Field("4", description="attention pod CPU request")
+    attention_memory: str = Field("16Gi", description="attention pod memory request")
+    attention_gpus: int = Field(0, ge=0, description="GPUs per attention pod")
+    expert_cpu: str = Field("4", description="expert pod CPU request")
+    expert_memory: str = Field("16Gi", description="expert pod memory request")
+    expert_gpus: int = Field(0, ge=0, description="GPUs per expert pod")
+    gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="node labels for GPU pods")
+    api_key_secret: str = Field("mimo-api-keys", description="Secret holding the API keys file")
+
+
+class ClusterSpec(_Spec):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+    attention: AttentionSpec = Field(default_factory=AttentionSpec)
+    experts: ExpertsSpec = Field(default_factory=ExpertsSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
+    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
+
+    @staticmethod
+    def from_dict(data: dict[str, object]) -> ClusterSpec:
+        try:
+            return ClusterSpec.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "spec"
+            raise SpecError(field, err["msg"]) from None
+
+    @staticmethod
+    def load(path: str | Path | None) -> ClusterSpec:
+        """The spec in a YAML file, or the default (embedded tiny model on this machine) for None."""
+        if path is None:
+            return ClusterSpec()
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise SpecError("spec", f"{path} must hold a YAML mapping")
+        return ClusterSpec.from_dict(data)
