@@ -137,15 +137,15 @@ class KubernetesSpec(_Spec):
 
 
 class ClusterSpec(_Spec):
-    model: ModelSpec = Field(default_factory=ModelSpec)
-    engine: EngineSpec = Field(default_factory=EngineSpec)
-    attention: AttentionSpec = Field(default_factory=AttentionSpec)
-    experts: ExpertsSpec = Field(default_factory=ExpertsSpec)
-    router: RouterSpec = Field(default_factory=RouterSpec)
-    gateway: GatewaySpec = Field(default_factory=GatewaySpec)
-    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
-    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
-    kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
+    model: ModelSpec = ModelSpec()
+    engine: EngineSpec = EngineSpec()
+    attention: AttentionSpec = AttentionSpec()
+    experts: ExpertsSpec = ExpertsSpec()
+    router: RouterSpec = RouterSpec()
+    gateway: GatewaySpec = GatewaySpec()
+    observability: ObservabilitySpec = ObservabilitySpec()
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+    kubernetes: KubernetesSpec = KubernetesSpec()
 
     @staticmethod
     def from_dict(data: dict[str, object]) -> ClusterSpec:
