@@ -4,6 +4,8 @@ One background thread owns the `Engine` and steps it while there is work; caller
 loop get their chunks through per-request queues (`call_soon_threadsafe`), so the event loop never
 blocks on a forward pass. Closing a stream early (client gone, task cancelled) aborts the request
 and frees its KV blocks. Invalid requests raise `InvalidRequest` from `submit` before streaming.
+After every step the thread publishes an `EngineSnapshot` (load and KV usage) and buffers the prefix
+cache's block events, both readable from any thread, for the router and the metrics.
 """
 
 from __future__ import annotations
@@ -14,7 +16,18 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from replicas.block_pool import KVEvent
 from replicas.engine import Chunk, Engine, GenerateRequest
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    num_running: int
+    num_waiting: int
+    kv_usage: dict[str, float]  # used fraction per pool: "full" (GA layers), "swa" (SWA + MTP)
+    num_steps: int
+    num_drafted_tokens: int
+    num_accepted_draft_tokens: int
 
 
 @dataclass
@@ -30,6 +43,9 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._wake = threading.Event()
         self._stopped = False
+        self._lock = threading.Lock()
+        self._kv_events: list[KVEvent] = []
+        self._snapshot = self._take_snapshot()
         self._thread = threading.Thread(target=self._loop, name="mimo-engine", daemon=True)
         self._thread.start()
 
@@ -59,6 +75,22 @@ class AsyncEngine:
             if not finished:
                 self._send("abort", request_id)
 
+    @property
+    def num_streams(self) -> int:
+        """Requests submitted and not yet finished (running, waiting, or about to be added)."""
+        return len(self._streams)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
+    def snapshot(self) -> EngineSnapshot:
+        return self._snapshot
+
+    def drain_kv_events(self) -> list[KVEvent]:
+        with self._lock:
+            events, self._kv_events = self._kv_events, []
+        return events
+
     def abort(self, request_id: str) -> None:
         self._send("abort", request_id)
 
@@ -75,11 +107,31 @@ class AsyncEngine:
         while not self._stopped:
             self._drain_commands()
             if not self.engine.has_work():
+                self._publish()  # aborts and frees since the last step
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             for chunk in self.engine.step():
                 self._deliver(chunk.request_id, chunk)
+            self._publish()
+
+    def _publish(self) -> None:
+        events = self.engine.kv_cache.drain_events()
+        if events:
+            with self._lock:
+                self._kv_events.extend(events)
+        self._snapshot = self._take_snapshot()
+
+    def _take_snapshot(self) -> EngineSnapshot:
+        stats = self.engine.stats
+        return EngineSnapshot(
+            num_running=self.engine.scheduler.num_running,
+            num_waiting=self.engine.scheduler.num_waiting,
+            kv_usage={name: u.used_fraction for name, u in self.engine.kv_cache.usage().items()},
+            num_steps=stats["steps"],
+            num_drafted_tokens=stats["drafted_tokens"],
+            num_accepted_draft_tokens=stats["accepted_draft_tokens"],
+        )
 
     def _drain_commands(self) -> None:
         while True:

@@ -1,0 +1,161 @@
+"""The OpenAI-compatible HTTP API: `build_app(client, tokenizer, config)` -> a FastAPI app.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (the process
+is up), GET /ready (every replica and shard can serve). Auth, body-size, pending-request and rate
+limits are checked before any engine work; metrics are not served here (they go to the node's
+Ray metrics port, never the public one).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.auth import KeyStore, Tenant
+from gateway.config import GatewayConfig
+from gateway.engine_client import EngineClient, EngineError
+from gateway.errors import APIError, install_error_handlers
+from gateway.openai_chat import chat_completion
+from gateway.openai_completions import completion
+from gateway.rate_limit import RateLimiter
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from mimo.tokenizer import Tokenizer
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 before it is read into memory."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = APIError(413, f"request body exceeds {self.max_bytes} bytes", None, "body_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await too_big.response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise too_big
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class Gateway:
+    """Per-process state behind the routes."""
+
+    def __init__(self, client: EngineClient, tokenizer: Tokenizer, config: GatewayConfig) -> None:
+        self.client = client
+        self.tokenizer = tokenizer
+        self.config = config
+        self.keys = KeyStore.from_file(config.api_keys_file) if config.api_keys_file else KeyStore([])
+        self.limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+        self.num_pending = 0
+
+    def authenticate(self, request: Request) -> Tenant:
+        tenant = self.keys.authenticate(request.headers.get("authorization"))
+        if tenant is None:
+            raise APIError(
+                401, "missing or invalid API key (Authorization: Bearer KEY)", None, "invalid_api_key"
+            )
+        return tenant
+
+    def check_model(self, model: str) -> None:
+        if model != self.config.served_model_name:
+            raise APIError(
+                400,
+                f"model {model!r} is not served here; use {self.config.served_model_name!r}",
+                "model",
+                "model_not_found",
+            )
+
+    def admit(self, tenant: Tenant, num_tokens: int) -> None:
+        wait = self.limiter.admit(tenant.key_id, num_tokens, time.monotonic())
+        if wait is not None:
+            raise APIError(429, "rate limit exceeded for this API key", None, "rate_limit_exceeded", wait)
+
+    def charge(self, tenant: Tenant, num_tokens: int) -> None:
+        self.limiter.charge(tenant.key_id, num_tokens, time.monotonic())
+
+
+def build_app(client: EngineClient, tokenizer: Tokenizer, config: GatewayConfig) -> FastAPI:
+    app = FastAPI(title="mimo-serve", version="0.1.0")
+    state = Gateway(client, tokenizer, config)
+    app.state.gateway = state
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+
+    async def run(request: Request, handler: Any, body: Any) -> Response:
+        tenant = state.authenticate(request)
+        state.check_model(body.model)
+        if state.num_pending >= config.max_pending_requests:
+            raise APIError(503, "the gateway is at capacity; retry shortly", None, "overloaded", 1.0)
+        state.num_pending += 1
+        release = True
+        try:
+            response: Response = await handler(state, tenant, body, f"{uuid.uuid4().hex}")
+            if isinstance(response, StreamingResponse):
+                release = False  # the stream releases its slot when it ends, however it ends
+                response.body_iterator = _releasing(response.body_iterator, state)
+            return response
+        except EngineError as e:
+            raise APIError(e.status, e.message, e.param, None, e.retry_after_s) from None
+        finally:
+            if release:
+                state.num_pending -= 1
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(request: Request, body: ChatCompletionRequest) -> Response:
+        return await run(request, chat_completion, body)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        return await run(request, completion, body)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        state.authenticate(request)
+        card = {
+            "id": config.served_model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "mimo-serve",
+            "max_model_len": config.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", response_model=None)
+    async def ready() -> Response:
+        if await state.client.is_ready():
+            return JSONResponse({"status": "ready"})
+        return APIError(503, "not every replica and expert shard is up", None, "not_ready", 1.0).response()
+
+    return app
+
+
+async def _releasing(body: AsyncIterable[Any], state: Gateway) -> AsyncIterator[Any]:
+    try:
+        async for part in body:
+            yield part
+    finally:
+        state.num_pending -= 1

@@ -1,0 +1,58 @@
+"""API keys: loaded from a file (one key per line; a mounted Kubernetes secret is such a file), kept
+only as SHA-256 digests and compared in constant time. A key's id (a digest prefix) names the tenant
+for rate limits and salts its prefix-cache hashes, so tenants never share cached blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Tenant:
+    key_id: str  # "anon" when auth is off
+    cache_salt: str | None  # None when auth is off: local single-tenant use shares the cache
+
+
+ANONYMOUS = Tenant("anon", None)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+class KeyStore:
+    def __init__(self, digests: list[bytes]) -> None:
+        self._digests = digests
+
+    @staticmethod
+    def from_file(path: str | Path) -> KeyStore:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        keys = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not keys:
+            raise ValueError(f"{path} holds no API keys")
+        return KeyStore([_digest(k) for k in keys])
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def authenticate(self, authorization: str | None) -> Tenant | None:
+        """The tenant of a `Bearer KEY` header, or None. Every stored digest is compared (no early
+        exit), so timing reveals neither which key nor how much of it matched."""
+        if not self._digests:
+            return ANONYMOUS
+        if not authorization or not authorization.startswith("Bearer "):
+            return None
+        candidate = _digest(authorization[len("Bearer ") :].strip())
+        match: bytes | None = None
+        for digest in self._digests:
+            if hmac.compare_digest(candidate, digest):
+                match = digest
+        if match is None:
+            return None
+        key_id = match.hex()[:16]
+        return Tenant(key_id, key_id)
