@@ -23,6 +23,7 @@ from gateway.config import GatewayConfig
 from gateway.engine_client import EngineError
 
 APP_NAME = "mimo"
+ROUTING_STATS_PERIOD_S = 0.5  # how often Serve polls each attention replica for its report
 
 
 def engine_config(spec: ClusterSpec) -> Any:
@@ -91,7 +92,7 @@ class ExpertPoolDeployment:
 class AttentionDeployment:
     """One data-parallel attention replica: its own engine and KV cache; experts via the pool."""
 
-    async def __init__(self, spec: dict[str, Any], pool: DeploymentHandle | None) -> None:
+    async def __init__(self, spec: dict[str, Any], pool: DeploymentHandle | None) -> None:  # type: ignore[misc]
         import torch
 
         from mimo.tokenizer import Tokenizer
@@ -190,12 +191,11 @@ def build_application(spec: ClusterSpec) -> Application:
     data = spec.model_dump(mode="json")
     pool = None
     if spec.experts.transport == "ray":
-        pool = serve.deployment(
-            ExpertPoolDeployment, name="ExpertPool", num_replicas=1, ray_actor_options={"num_cpus": 0}
+        pool = serve.deployment(name="ExpertPool", num_replicas=1, ray_actor_options={"num_cpus": 0})(
+            ExpertPoolDeployment
         ).bind(data)
     a = spec.attention
     attention = serve.deployment(
-        AttentionDeployment,
         name="Attention",
         num_replicas=a.num_replicas,
         max_ongoing_requests=a.max_ongoing_requests,
@@ -206,21 +206,32 @@ def build_application(spec: ClusterSpec) -> Application:
             "runtime_env": {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}},
         },
         **_router_options(spec),
-    ).bind(data, pool)
+    )(AttentionDeployment).bind(data, pool)
     gateway = serve.deployment(
-        serve.ingress()(GatewayDeployment),
         name="Gateway",
         num_replicas=spec.gateway.num_replicas,
         max_ongoing_requests=spec.gateway.max_pending_requests,
         ray_actor_options={"num_cpus": 0},
-    ).bind(data, attention, pool)
+    )(serve.ingress()(GatewayDeployment)).bind(data, attention, pool)
     return gateway
 
 
 def _router_options(spec: ClusterSpec) -> dict[str, Any]:
-    from router.serve_adapter import request_router_config
+    from router.policy import RouterConfig
+    from router.serve_adapter import make_request_router_config
 
-    return {"request_router_config": request_router_config(spec.router, spec.engine.block_size)}
+    r = spec.router
+    config = RouterConfig(
+        policy=r.policy,
+        block_size=spec.engine.block_size,
+        prefix_weight=r.prefix_weight,
+        load_weight=r.load_weight,
+        kv_weight=r.kv_weight,
+        stale_after_s=r.stale_after_s,
+    )
+    return {
+        "request_router_config": make_request_router_config(config, stats_period_s=ROUTING_STATS_PERIOD_S)
+    }
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -1,4 +1,4 @@
-"""The `mimo` command line: `generate` and `inspect` (serving commands join as they land).
+"""The `mimo` command line: `generate`, `inspect`, `serve` (and the commands added below).
 
 Each subcommand parses its arguments, calls one library function and prints text or JSON; errors
 in the user's input end with a one-line message and exit status 2, never a traceback.
@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-seqs", type=int, default=1, help="sequences of --context tokens per attention replica"
     )
     ins.set_defaults(func=_inspect)
+
+    from cluster.serve_cli import add_parser as add_serve_parser
+
+    add_serve_parser(sub)
+    from cluster.render_cli import add_parser as add_render_parser
+
+    add_render_parser(sub)
     return parser
 
 

@@ -1,0 +1,62 @@
+"""`mimo serve`: start (or join) a Ray cluster, deploy the application from a `ClusterSpec`, print
+the URL, and tear everything down on Ctrl-C. `--print-config` prints the equivalent Serve config
+(`serve deploy` compatible) and exits."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from pathlib import Path
+
+from cluster.spec import ClusterSpec
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    serve = sub.add_parser("serve", help="serve the OpenAI API on Ray Serve (default: the tiny model here)")
+    serve.add_argument("--config", type=Path, default=None, help="cluster spec YAML (default: built-in)")
+    serve.add_argument("--address", default=None, help="Ray cluster to join (default: start one here)")
+    serve.add_argument("--print-config", action="store_true", help="print the Serve config YAML and exit")
+    serve.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = ClusterSpec.load(args.config)
+    if args.print_config:
+        from cluster.serve_config import serve_config_yaml
+
+        print(serve_config_yaml(spec), end="")
+        return 0
+    if args.address is None:
+        # a private single-machine cluster: loopback only, no token to hand around
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
+    import ray
+    from ray import serve
+
+    from cluster.app import APP_NAME, build_application
+
+    ray.init(
+        address=args.address,
+        include_dashboard=False,
+        log_to_driver=False,
+        **({} if args.address else {"_node_ip_address": "127.0.0.1"}),
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": spec.gateway.host, "port": spec.gateway.port})
+        serve.run(build_application(spec), name=APP_NAME, route_prefix="/")
+        print(
+            f"mimo serve: {spec.model.served_name} at http://{spec.gateway.host}:{spec.gateway.port}/v1",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        print("mimo serve: shutting down", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+    return 0

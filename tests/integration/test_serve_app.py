@@ -1,0 +1,151 @@
+"""The real application on local Ray (two raylets): Gateway -> prefix-aware router -> 2 Attention
+replicas -> 2 expert shard actors, driven by the official `openai` client over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+import ray
+from ray import serve
+
+from cluster.app import APP_NAME, build_application, wait_ready
+from cluster.cli import main as mimo_main
+from cluster.local_server import free_port
+from cluster.spec import ClusterSpec
+
+pytestmark = pytest.mark.integration
+MODEL = "mimo-tiny"
+
+
+@pytest.fixture(scope="module")
+def app_url(ray_cluster: object) -> Iterator[str]:
+    port = free_port()
+    spec = ClusterSpec.from_dict(
+        {
+            "engine": {"kv_cache_mib": 48, "max_model_len": 1024},
+            "attention": {"num_replicas": 2, "num_cpus": 0.5},
+            "experts": {"num_shards": 2, "num_cpus": 0.5},
+            "gateway": {"port": port},
+        }
+    )
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_application(spec), name=APP_NAME, route_prefix="/", blocking=False)
+    wait_ready()
+    yield f"http://127.0.0.1:{port}/v1"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(app_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=app_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_greedy_through_the_cluster_equals_mimo_generate(
+    client: openai.OpenAI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Catches any difference the gateway, router, Serve hop or remote experts introduce."""
+    prompt = "What is the weather in Oslo?"
+    assert mimo_main(["generate", "--chat", "--prompt", prompt, "--max-tokens", "32", "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)["text"]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=32, temperature=0
+    )
+    assert reply.choices[0].message.content == expected.strip()
+
+
+def test_streaming_and_ready(client: openai.OpenAI, app_url: str) -> None:
+    """Catches SSE through Serve's proxy breaking, and /ready not reflecting the deployments."""
+    import httpx2
+
+    assert httpx2.get(app_url.removesuffix("/v1") + "/ready", timeout=30).status_code == 200
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello!"}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_repeated_prefix_is_routed_to_its_cache(client: openai.OpenAI) -> None:
+    """Catches a router that spreads a shared prefix over replicas (cache misses) instead of following it."""
+    system = "You are a careful assistant for the Python standard library. " * 12
+    cached = []
+    for question in [
+        "What does os.path.join do?",
+        "Explain itertools.chain.",
+        "What is a deque?",
+        "Define zip.",
+    ]:
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=4,
+            temperature=0,
+        )
+        cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+        time.sleep(1.2)  # two routing-stats periods: the router has the replica's report
+    assert cached[0] == 0
+    assert all(c >= 16 * (len(system) // 80) for c in cached[1:]), cached
+
+
+def test_killed_attention_replica_fails_only_its_requests_retriably(client: openai.OpenAI) -> None:
+    """Catches a replica death that hangs clients or takes down requests on the other replica."""
+    victim_pid = _an_attention_replica_pid()
+    results: list[str] = []
+
+    def one(i: int) -> None:
+        try:
+            stream = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": f"Story number {i}"}],
+                max_tokens=120,
+                temperature=0,
+                stream=True,
+            )
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    results.append("done")
+                    return
+            results.append("cut")
+        except openai.APIStatusError as e:
+            results.append(f"status {e.status_code}")
+        except openai.APIError as e:  # the SSE error event of a request on the dead replica
+            results.append(f"error {e.message[:40]}")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    os.kill(victim_pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=180)
+    assert len(results) == 6, results
+    assert "done" in results  # the other replica kept serving
+    assert all(r == "done" or r.startswith(("status 503", "error")) for r in results), results
+    wait_ready()
+    after = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert after.choices[0].finish_reason in ("stop", "length")
+
+
+def _an_attention_replica_pid() -> int:
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name = actor["name"] if isinstance(actor, dict) else actor
+        if "Attention" in name and "SERVE_REPLICA" in name:
+            handle = ray.get_actor(
+                name, namespace=actor.get("namespace", "serve") if isinstance(actor, dict) else "serve"
+            )
+            return int(ray.get(handle.__ray_call__.remote(lambda self: os.getpid())))
+    raise AssertionError("no Attention replica actor found")
