@@ -150,7 +150,54 @@ def build_app(client: EngineClient, tokenizer: Tokenizer, config: GatewayConfig)
             return JSONResponse({"status": "ready"})
         return APIError(503, "not every replica and expert shard is up", None, "not_ready", 1.0).response()
 
+    _document_errors(app)
     return app
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+_ERRORS = {
+    "400": "invalid request (param names the field)",
+    "401": "missing or invalid API key",
+    "413": "body too large",
+    "429": "rate limited (Retry-After)",
+    "503": "overloaded or not ready (Retry-After)",
+}
+
+
+def _document_errors(app: FastAPI) -> None:
+    """The schema says what the API really answers: OpenAI error objects, never FastAPI's 422."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain()
+            for path in schema["paths"].values():
+                for operation in path.values():
+                    responses = operation.setdefault("responses", {})
+                    responses.pop("422", None)
+                    for status, text in _ERRORS.items():
+                        responses[status] = {
+                            "description": text,
+                            "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+                        }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _releasing(body: AsyncIterable[Any], state: Gateway) -> AsyncIterator[Any]:

@@ -75,9 +75,13 @@ def test_streaming_equals_non_streaming_and_reports_usage(client: openai.OpenAI)
     messages = [{"role": "user", "content": "Tell me about Python lists."}]
     full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0)
     stream = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=30, temperature=0, stream=True,
+        model=MODEL,
+        messages=messages,
+        max_tokens=30,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
-    )  # fmt: skip
+    )
     text, usage, finishes = "", None, []
     for chunk in stream:
         if chunk.usage is not None:
@@ -95,9 +99,12 @@ def test_thinking_on_fills_reasoning_content_and_off_leaves_it_out(client: opena
     """Catches <think> text leaking into content, or reasoning parsed when thinking is off."""
     messages = [{"role": "user", "content": "What is 12 + 30?"}]
     on = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=120, temperature=0,
+        model=MODEL,
+        messages=messages,
+        max_tokens=120,
+        temperature=0,
         extra_body={"chat_template_kwargs": {"enable_thinking": True}},
-    )  # fmt: skip
+    )
     message = on.choices[0].message
     reasoning = getattr(message, "reasoning_content", None) or (message.model_extra or {}).get(
         "reasoning_content"
@@ -158,16 +165,28 @@ def test_named_tool_choice_forces_that_tool(client: openai.OpenAI) -> None:
     """Catches tool_choice={function} being ignored."""
     tools = [TOOL_SCHEMAS["get_weather"], TOOL_SCHEMAS["get_time"]]
     reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hello there"}], tools=tools,
-        tool_choice={"type": "function", "function": {"name": "get_time"}}, max_tokens=40, temperature=0,
-    )  # fmt: skip
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hello there"}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        max_tokens=40,
+        temperature=0,
+    )
     assert [c.function.name for c in reply.choices[0].message.tool_calls] == ["get_time"]
 
 
 def test_n_choices_seeded_and_logprobs(client: openai.OpenAI) -> None:
     """Catches n choices sharing one seed (identical), non-reproducible seeds, or malformed logprobs."""
-    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Say something."}], max_tokens=12,
-              temperature=1.0, n=3, seed=7, logprobs=True, top_logprobs=2)  # fmt: skip
+    kw = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say something."}],
+        max_tokens=12,
+        temperature=1.0,
+        n=3,
+        seed=7,
+        logprobs=True,
+        top_logprobs=2,
+    )
     a = client.chat.completions.create(**kw)
     b = client.chat.completions.create(**kw)
     texts = [c.message.content for c in a.choices]
@@ -289,3 +308,29 @@ def test_api_keys_and_rate_limits(tiny: tuple[object, Tokenizer], tmp_path: Path
             openai.OpenAI(base_url=srv.url, api_key="wrong", max_retries=0).models.list()
     finally:
         srv.stop()
+
+
+def test_overload_is_a_fast_503_with_retry_after(tiny: tuple[object, Tokenizer]) -> None:
+    """Catches overload turning into client timeouts instead of an immediate, retriable refusal,
+    at the gateway (pending requests) and at the replica (streams beyond its queue)."""
+    for config, max_streams in [
+        (GatewayConfig(served_model_name=MODEL, max_model_len=1024, max_pending_requests=1), 1024),
+        (GatewayConfig(served_model_name=MODEL, max_model_len=1024), 1),
+    ]:
+        srv = LocalServer.start(AsyncEngine(_engine(tiny)), tiny[1], config, max_streams=max_streams)
+        try:
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "Write a story."}],
+                "max_tokens": 300,
+                "stream": True,
+            }
+            with (
+                httpx.Client(timeout=60) as http,
+                http.stream("POST", f"{srv.url}/chat/completions", json=body) as first,
+            ):
+                assert first.status_code == 200
+                second = http.post(f"{srv.url}/chat/completions", json={**body, "stream": False})
+                assert second.status_code == 503 and int(second.headers["retry-after"]) >= 1
+        finally:
+            srv.stop()
