@@ -18,7 +18,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from cluster.engine_clients import ServeEngineClient, stream_request
-from cluster.spec import ClusterSpec
+from cluster.spec import ClusterSpec, SpecError
 from gateway.config import GatewayConfig
 from gateway.engine_client import EngineError
 
@@ -187,7 +187,28 @@ class GatewayDeployment:
         return build_app(client, Tokenizer.from_dir(s.model.path), config)
 
 
+def check_engine_fits(spec: ClusterSpec) -> None:
+    """Raises SpecError naming `engine.kv_cache_mib` when the KV budget cannot hold one sequence of
+    the context, before anything is deployed (a replica would otherwise fail to start, forever)."""
+    from mimo.config import MiMoConfig
+    from replicas.engine_config import build_layout
+
+    try:
+        build_layout(MiMoConfig.from_file(f"{spec.model.path}/config.json"), engine_config(spec))
+    except ValueError as e:
+        raise SpecError(
+            "engine.kv_cache_mib", f"{e} (raise kv_cache_mib or lower engine.max_model_len)"
+        ) from None
+
+
+def required_cpus(spec: ClusterSpec) -> float:
+    """Logical CPUs the application reserves (a private local cluster is started with at least this)."""
+    num_shards = spec.experts.num_shards if spec.experts.transport == "ray" else 0
+    return spec.attention.num_replicas * spec.attention.num_cpus + num_shards * spec.experts.num_cpus
+
+
 def build_application(spec: ClusterSpec) -> Application:
+    check_engine_fits(spec)
     data = spec.model_dump(mode="json")
     pool = None
     if spec.experts.transport == "ray":

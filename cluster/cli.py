@@ -17,6 +17,9 @@ from pathlib import Path
 from cluster.inspect_report import deployment_memory, inspect_report, render_text
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-tiny"
+RELEASED_CONFIG = (
+    Path(__file__).resolve().parents[1] / "checkpoints" / "reference" / "mimo-v2-flash.config.json"
+)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -91,6 +94,23 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from cluster.plan import load_hardware, load_traffic, model_numbers, plan_json, render_text, write_chart
+    from mimo.config import MiMoConfig
+    from observability.capacity import plan
+
+    config = MiMoConfig.from_file(args.model)
+    numbers = model_numbers(
+        config, args.weight_format, name=args.model.stem if args.model.is_file() else args.model.name
+    )
+    hardware, traffic = load_hardware(args.hardware), load_traffic(args.traffic)
+    result = plan(numbers, hardware, traffic)
+    print(json.dumps(plan_json(result), indent=2) if args.json else render_text(result))
+    if args.chart is not None:
+        write_chart(args.chart, numbers, hardware, traffic)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mimo", description="MiMo-V2-Flash serving cluster")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-seqs", type=int, default=1, help="sequences of --context tokens per attention replica"
     )
     ins.set_defaults(func=_inspect)
+
+    pln = sub.add_parser("plan", help="attention replicas, expert shards and GPUs for a traffic profile")
+    pln.add_argument(
+        "--model",
+        type=Path,
+        default=RELEASED_CONFIG,
+        help="checkpoint directory or config.json (default: the release)",
+    )
+    pln.add_argument("--traffic", type=Path, required=True, help="traffic profile (YAML/JSON)")
+    pln.add_argument("--hardware", type=Path, required=True, help="hardware profile (YAML/JSON)")
+    pln.add_argument("--weight-format", choices=["fp8", "bf16", "fp32"], default="fp8")
+    pln.add_argument("--json", action="store_true")
+    pln.add_argument("--chart", type=Path, default=None, help="write a PNG of cost against load here")
+    pln.set_defaults(func=_plan)
 
     from cluster.serve_cli import add_parser as add_serve_parser
 

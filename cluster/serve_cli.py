@@ -5,6 +5,7 @@ the URL, and tear everything down on Ctrl-C. `--print-config` prints the equival
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import threading
@@ -13,7 +14,7 @@ from pathlib import Path
 from cluster.spec import ClusterSpec
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="serve the OpenAI API on Ray Serve (default: the tiny model here)")
     serve.add_argument("--config", type=Path, default=None, help="cluster spec YAML (default: built-in)")
     serve.add_argument("--address", default=None, help="Ray cluster to join (default: start one here)")
@@ -36,14 +37,21 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import APP_NAME, build_application
+    from cluster.app import APP_NAME, build_application, check_engine_fits, required_cpus
 
-    ray.init(
-        address=args.address,
-        include_dashboard=False,
-        log_to_driver=False,
-        **({} if args.address else {"_node_ip_address": "127.0.0.1"}),
-    )
+    check_engine_fits(spec)  # a bad spec fails here, naming the field, before Ray starts
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False)
+    else:  # always a new private cluster, never someone else's that happens to run here
+        # logical CPUs are scheduling tokens: reserve enough for the spec even on a small machine
+        num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(spec)))
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -57,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         stop.wait()
     finally:
         print("mimo serve: shutting down", flush=True)
-        serve.shutdown()
+        if args.address:
+            serve.delete(APP_NAME)  # a shared cluster keeps its other applications
+        else:
+            serve.shutdown()
         ray.shutdown()
     return 0

@@ -1,0 +1,62 @@
+"""`render_serve_config`: a config `serve deploy` accepts (Ray's own schema), carrying the spec."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from cluster.cli import main
+from cluster.serve_config import APP_NAME, ATTENTION, GATEWAY, IMPORT_PATH, render_serve_config
+from cluster.spec import ClusterSpec
+
+
+def _validated(config: dict) -> dict:
+    # Serve ignores unknown keys for forward compatibility; dumping only what was set and
+    # comparing catches a misspelt key that Serve would silently drop.
+    schema = ServeDeploySchema.model_validate(config)
+    return schema.model_dump(mode="json", exclude_unset=True)
+
+
+@pytest.mark.parametrize("autoscaling", [True, False])
+def test_config_passes_rays_schema_with_nothing_ignored(autoscaling: bool) -> None:
+    """Catches configs `serve deploy` rejects (host/port inside the app, num_replicas beside
+    autoscaling) and keys Serve would silently ignore."""
+    spec = ClusterSpec.from_dict({"autoscaling": {"enabled": autoscaling}, "gateway": {"num_replicas": 2}})
+    config = render_serve_config(spec)
+    assert _validated(config) == config
+    app = config["applications"][0]
+    assert (app["name"], app["route_prefix"], app["import_path"]) == ("mimo", "/", "cluster.app:app_builder")
+    gateway, attention = app["deployments"]
+    assert gateway == {"name": "Gateway", "num_replicas": 2, "max_ongoing_requests": 512}
+    expected = {"name": "Attention", "max_ongoing_requests": 128, "max_queued_requests": 256}
+    assert attention == (expected if autoscaling else expected | {"num_replicas": 2})
+
+
+def test_args_rebuild_the_same_spec() -> None:
+    """Catches a spec value lost on its way through the config (the app is built from args)."""
+    spec = ClusterSpec.from_dict({"engine": {"num_mtp_drafts": 2}, "router": {"policy": "round_robin"}})
+    config = render_serve_config(spec)
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000}
+    round_tripped = yaml.safe_load(yaml.safe_dump(config))
+    assert ClusterSpec.model_validate(round_tripped["applications"][0]["args"]["spec"]) == spec
+
+
+def test_names_match_the_application() -> None:
+    """Catches the config naming an application, builder or deployment the code does not have."""
+    app = importlib.import_module("cluster.app")
+    module, attr = IMPORT_PATH.split(":")
+    assert module == "cluster.app" and callable(getattr(app, attr))
+    assert app.APP_NAME == APP_NAME
+    assert app.__file__ is not None
+    source = Path(app.__file__).read_text()
+    assert f'name="{GATEWAY}"' in source and f'name="{ATTENTION}"' in source
+
+
+def test_print_config_prints_this_config(capsys: pytest.CaptureFixture[str]) -> None:
+    """Catches `mimo serve --print-config` printing anything but the rendered config."""
+    assert main(["serve", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == render_serve_config(ClusterSpec())
