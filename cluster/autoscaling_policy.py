@@ -89,6 +89,7 @@ def policy_kwargs(
         expert_scale_down_load=a.expert_target_load / 2,
         upscale_delay_s=a.upscale_delay_s,
         downscale_delay_s=a.downscale_delay_s,
+        cooldown_s=a.cooldown_s,
     )
     return {
         "scaling": asdict(scaling),

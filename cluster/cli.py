@@ -50,9 +50,12 @@ def _generate(args: argparse.Namespace) -> int:
     # size the KV cache for this one sequence rather than a server's default budget
     max_len = min(len(prompt_ids) + args.max_tokens + 1, model.config.max_position_embeddings)
     config = EngineConfig(
-        num_mtp_drafts=args.mtp, kv_dtype_bytes=torch.finfo(dtype).bits // 8, max_model_len=max_len,
-        max_num_batched_tokens=512, max_prefill_chunk=512,
-    )  # fmt: skip
+        num_mtp_drafts=args.mtp,
+        kv_dtype_bytes=torch.finfo(dtype).bits // 8,
+        max_model_len=max_len,
+        max_num_batched_tokens=512,
+        max_prefill_chunk=512,
+    )
     config = replace(config, kv_cache_bytes=single_sequence_budget(model.config, config, max_len))
     engine = Engine(model, tokenizer, config)
     start = time.perf_counter()

@@ -26,6 +26,7 @@ def to_generation_chunk(chunk: Chunk) -> GenerationChunk:
         prompt_tokens=usage.prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else 0,
         cached_tokens=usage.cached_tokens if usage else 0,
+        queue_s=usage.queue_s if usage else 0.0,
         logprobs=list(chunk.logprobs.logprobs) if chunk.logprobs else [],
         top_logprobs=[list(row) for row in chunk.logprobs.top] if chunk.logprobs else [],
         error=chunk.error,

@@ -82,33 +82,43 @@ def prometheus_rule(spec: ClusterSpec, obj: Obj) -> Obj:
         )
         rules.append(
             _alert(
-                f"MimoTTFTBudgetBurn{'Fast' if severity == 'critical' else 'Slow'}", expr, for_s, severity,
+                f"MimoTTFTBudgetBurn{'Fast' if severity == 'critical' else 'Slow'}",
+                expr,
+                for_s,
+                severity,
                 f"TTFT SLO ({spec.autoscaling.ttft_slo_ms:g} ms at p{SLO_QUANTILE * 100:g}, measured at the "
                 f"{edge_s:g} s bucket) error budget burning {burn:g}x too fast over {long_w} and {short_w}",
             )
-        )  # fmt: skip
+        )
     rules.append(
         _alert(
-            "MimoKVCacheSaturated", f"avg(max by (replica) ({KV_USAGE})) > {KV_SATURATED:g}", "10m", "warning",
+            "MimoKVCacheSaturated",
+            f"avg(max by (replica) ({KV_USAGE})) > {KV_SATURATED:g}",
+            "10m",
+            "warning",
             f"attention replicas' KV caches average above {KV_SATURATED:.0%}: "
             "scale-up is blocked (max_replicas reached or no capacity)",
         )
-    )  # fmt: skip
+    )
     rules.append(
         _alert(
-            "MimoExpertImbalance", f"min({BALANCEDNESS}) < {MIN_BALANCEDNESS:g}", "15m", "warning",
+            "MimoExpertImbalance",
+            f"min({BALANCEDNESS}) < {MIN_BALANCEDNESS:g}",
+            "15m",
+            "warning",
             f"an MoE layer's hottest expert shard carries over {1 / MIN_BALANCEDNESS:g}x the mean load "
             "after rebalancing",
         )
-    )  # fmt: skip
+    )
     rules.append(
         _alert(
             "MimoPodRestarting",
             f'increase({POD_RESTARTS}{{namespace="{ns}", pod=~"mimo-.*"}}[1h]) > {MAX_RESTARTS_PER_HOUR}',
-            "5m", "warning",
+            "5m",
+            "warning",
             f"a pod of the deployment restarted more than {MAX_RESTARTS_PER_HOUR} times in an hour",
         )
-    )  # fmt: skip
+    )
     obj["spec"] = {"groups": [{"name": "mimo-serve", "rules": rules}]}
     return obj
 

@@ -65,10 +65,14 @@ def rayservice(spec: ClusterSpec) -> Obj:
     params = {"metrics-export-port": str(spec.observability.metrics_port)}
     workers = [
         _worker_group(
-            spec, "attention", k.attention_cpu, k.attention_memory, k.attention_gpus,
+            spec,
+            "attention",
+            k.attention_cpu,
+            k.attention_memory,
+            k.attention_gpus,
             (spec.attention.num_replicas, spec.attention.min_replicas, spec.attention.max_replicas),
         ),
-    ]  # fmt: skip
+    ]
     if spec.experts.transport == "ray":
         n = spec.experts.num_shards  # the pool's size is fixed by the spec, so min = max
         workers.append(_worker_group(spec, "expert", k.expert_cpu, k.expert_memory, k.expert_gpus, (n, n, n)))

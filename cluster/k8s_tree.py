@@ -23,9 +23,12 @@ OVERLAYS: dict[str, dict[str, Any]] = {
         "attention": {"num_replicas": 1, "min_replicas": 1, "max_replicas": 2},
         "experts": {"num_shards": 1},
         "kubernetes": {
-            "head_cpu": "1", "head_memory": "4Gi",
-            "attention_cpu": "2", "attention_memory": "6Gi",
-            "expert_cpu": "1", "expert_memory": "4Gi",
+            "head_cpu": "1",
+            "head_memory": "4Gi",
+            "attention_cpu": "2",
+            "attention_memory": "6Gi",
+            "expert_cpu": "1",
+            "expert_memory": "4Gi",
         },
     },
     "gpu-prod": {
@@ -34,13 +37,18 @@ OVERLAYS: dict[str, dict[str, Any]] = {
         "experts": {"num_shards": 8, "num_cpus": 8, "num_gpus": 1},
         "gateway": {"num_replicas": 2},
         "kubernetes": {
-            "head_cpu": "8", "head_memory": "32Gi",
-            "attention_cpu": "16", "attention_memory": "128Gi", "attention_gpus": 1,
-            "expert_cpu": "16", "expert_memory": "192Gi", "expert_gpus": 1,
+            "head_cpu": "8",
+            "head_memory": "32Gi",
+            "attention_cpu": "16",
+            "attention_memory": "128Gi",
+            "attention_gpus": 1,
+            "expert_cpu": "16",
+            "expert_memory": "192Gi",
+            "expert_gpus": 1,
             "gpu_node_selector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
         },
     },
-}  # fmt: skip
+}
 # base file of each kind (the order kustomize's resources list creates them in)
 BASE_FILES = {
     "Namespace": "namespace.yaml",

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import APP_NAME, build_application, check_engine_fits, required_cpus
+    from cluster.app import APP_NAME, check_engine_fits, required_cpus
+    from cluster.deploy import deploy
 
     check_engine_fits(spec)  # a bad spec fails here, naming the field, before Ray starts
     if args.address:
@@ -56,8 +57,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": spec.gateway.host, "port": spec.gateway.port})
-        serve.run(build_application(spec), name=APP_NAME, route_prefix="/")
+        deploy(spec)
         print(
             f"mimo serve: {spec.model.served_name} at http://{spec.gateway.host}:{spec.gateway.port}/v1",
             flush=True,

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from cluster.autoscaling_policy import application_autoscaling_policy
 from cluster.spec import ClusterSpec
 
 APP_NAME = "mimo"
@@ -34,7 +35,7 @@ def render_serve_config(spec: ClusterSpec) -> dict[str, Any]:
         # (from spec.attention.min/max_replicas) when autoscaling is on.
         attention["num_replicas"] = spec.attention.num_replicas
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": spec.gateway.proxy_location,
         "http_options": {"host": spec.gateway.host, "port": spec.gateway.port},
         "applications": [
             {
@@ -42,6 +43,15 @@ def render_serve_config(spec: ClusterSpec) -> dict[str, Any]:
                 "route_prefix": "/",
                 "import_path": IMPORT_PATH,
                 "args": {"spec": spec.model_dump(mode="json")},
+                **(
+                    {
+                        "autoscaling_policy": application_autoscaling_policy(
+                            spec, prometheus_url=spec.observability.prometheus_url
+                        )
+                    }
+                    if spec.autoscaling.enabled
+                    else {}
+                ),
                 "deployments": [
                     {
                         "name": GATEWAY,

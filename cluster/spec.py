@@ -76,6 +76,12 @@ class ExpertsSpec(_Spec):
     placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD"] = Field(
         "SPREAD", description="placement group strategy for the shards over nodes"
     )
+    eplb_interval_s: float = Field(
+        60.0, ge=0, description="how often the expert load balancer may move experts (0 = never)"
+    )
+    eplb_min_gain: float = Field(
+        0.05, ge=0, le=1, description="least balancedness (mean/max) improvement worth a move"
+    )
 
 
 class RouterSpec(_Spec):
@@ -102,10 +108,16 @@ class GatewaySpec(_Spec):
     requests_per_minute: int | None = Field(None, ge=1, description="per-key request rate limit")
     tokens_per_minute: int | None = Field(None, ge=1, description="per-key prompt+completion token limit")
     max_pending_requests: int = Field(512, ge=1, description="requests in the gateway before 503")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode", description="where Serve runs HTTP proxies (HeadOnly when nodes share one host)"
+    )
 
 
 class ObservabilitySpec(_Spec):
     metrics_port: int = Field(8080, ge=1, le=65535, description="Ray's per-node metrics export port")
+    prometheus_url: str | None = Field(
+        None, description="Prometheus the autoscaler queries (PromQL); none = the replicas' own stats"
+    )
 
 
 class AutoscalingSpec(_Spec):
@@ -118,6 +130,7 @@ class AutoscalingSpec(_Spec):
     scale_down_kv_usage: float = Field(0.3, ge=0, le=1, description="scale down below this KV usage")
     upscale_delay_s: float = Field(10.0, ge=0, description="condition must hold this long to scale up")
     downscale_delay_s: float = Field(60.0, ge=0, description="condition must hold this long to scale down")
+    cooldown_s: float = Field(30.0, ge=0, description="least time between two scaling changes of a pool")
     expert_target_load: float = Field(0.7, gt=0, le=1, description="busy fraction per shard to add shards")
 
 

@@ -26,6 +26,7 @@ from gateway.openai_completions import completion
 from gateway.rate_limit import RateLimiter
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from mimo.tokenizer import Tokenizer
+from observability.recorder import Metrics, PrometheusBackend
 
 
 class BodyLimit:
@@ -60,8 +61,11 @@ class BodyLimit:
 class Gateway:
     """Per-process state behind the routes."""
 
-    def __init__(self, client: EngineClient, tokenizer: Tokenizer, config: GatewayConfig) -> None:
+    def __init__(
+        self, client: EngineClient, tokenizer: Tokenizer, config: GatewayConfig, metrics: Metrics
+    ) -> None:
         self.client = client
+        self.metrics = metrics
         self.tokenizer = tokenizer
         self.config = config
         self.keys = KeyStore.from_file(config.api_keys_file) if config.api_keys_file else KeyStore([])
@@ -88,17 +92,28 @@ class Gateway:
     def admit(self, tenant: Tenant, num_tokens: int) -> None:
         wait = self.limiter.admit(tenant.key_id, num_tokens, time.monotonic())
         if wait is not None:
+            self.metrics.rate_limited("requests" if self.limiter.last_refusal == "requests" else "tokens")
             raise APIError(429, "rate limit exceeded for this API key", None, "rate_limit_exceeded", wait)
 
     def charge(self, tenant: Tenant, num_tokens: int) -> None:
         self.limiter.charge(tenant.key_id, num_tokens, time.monotonic())
 
 
-def build_app(client: EngineClient, tokenizer: Tokenizer, config: GatewayConfig) -> FastAPI:
+def build_app(
+    client: EngineClient, tokenizer: Tokenizer, config: GatewayConfig, metrics: Metrics | None = None
+) -> FastAPI:
     app = FastAPI(title="mimo-serve", version="0.1.0")
-    state = Gateway(client, tokenizer, config)
+    state = Gateway(client, tokenizer, config, metrics or Metrics(PrometheusBackend()))
     app.state.gateway = state
     install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        state.metrics.http_request(getattr(route, "path", "unmatched"), response.status_code)
+        return response
+
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     async def run(request: Request, handler: Any, body: Any) -> Response:

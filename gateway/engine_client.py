@@ -49,6 +49,7 @@ class GenerationChunk:
     prompt_tokens: int = 0  # usage, on the last chunk
     completion_tokens: int = 0
     cached_tokens: int = 0
+    queue_s: float = 0.0  # time the request waited before its first step, on the last chunk
     logprobs: list[float] = field(default_factory=list)  # one per token id, when asked
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     error: str | None = None  # the request failed inside the replica (finish_reason "error")
@@ -61,6 +62,7 @@ class GenerationChunk:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "cached_tokens": self.cached_tokens,
+            "queue_s": self.queue_s,
             "logprobs": self.logprobs,
             "top_logprobs": self.top_logprobs,
             "error": self.error,
@@ -75,6 +77,7 @@ class GenerationChunk:
             prompt_tokens=int(data.get("prompt_tokens", 0)),
             completion_tokens=int(data.get("completion_tokens", 0)),
             cached_tokens=int(data.get("cached_tokens", 0)),
+            queue_s=float(data.get("queue_s", 0.0)),
             logprobs=list(data.get("logprobs") or []),
             top_logprobs=[[(int(t), float(p)) for t, p in row] for row in data.get("top_logprobs") or []],
             error=data.get("error"),

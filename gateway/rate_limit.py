@@ -31,6 +31,7 @@ class RateLimiter:
     requests_per_minute: int | None
     tokens_per_minute: int | None
     _buckets: dict[str, tuple[_Bucket | None, _Bucket | None]] = field(default_factory=dict)
+    last_refusal: str = ""  # "requests" or "tokens": which bucket refused last (for metrics)
 
     def _of(self, key: str, now_s: float) -> tuple[_Bucket | None, _Bucket | None]:
         if key not in self._buckets:
@@ -55,6 +56,8 @@ class RateLimiter:
             tokens.wait_s(need_tokens) if tokens else 0.0,
         )
         if wait > 0:
+            is_requests = requests is not None and requests.wait_s(1) >= wait
+            self.last_refusal = "requests" if is_requests else "tokens"
             return wait
         if requests:
             requests.level -= 1

@@ -26,8 +26,10 @@ class EngineSnapshot:
     num_waiting: int
     kv_usage: dict[str, float]  # used fraction per pool: "full" (GA layers), "swa" (SWA + MTP)
     num_steps: int
+    num_drafts: int  # sequence-steps that carried drafts
     num_drafted_tokens: int
     num_accepted_draft_tokens: int
+    num_preemptions: int
 
 
 @dataclass
@@ -129,8 +131,10 @@ class AsyncEngine:
             num_waiting=self.engine.scheduler.num_waiting,
             kv_usage={name: u.used_fraction for name, u in self.engine.kv_cache.usage().items()},
             num_steps=stats["steps"],
+            num_drafts=stats["drafts"],
             num_drafted_tokens=stats["drafted_tokens"],
             num_accepted_draft_tokens=stats["accepted_draft_tokens"],
+            num_preemptions=self.engine.scheduler.num_preemptions_total,
         )
 
     def _drain_commands(self) -> None:

@@ -8,6 +8,7 @@ at fault; a failure while serving one request ends that request with an error, n
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    queue_s: float = 0.0  # from `add` until the request was first scheduled
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class _Live:
     num_prompt: int
     num_cached: int = 0
     token_ids: list[int] = field(default_factory=list)
+    added_s: float = field(default_factory=time.monotonic)
+    queue_s: float | None = None
 
 
 class Engine:
@@ -97,7 +101,7 @@ class Engine:
         self.runner = ModelRunner(model, layout, config.num_mtp_drafts)
         self.device = self.runner.paged.device
         self._live: dict[str, _Live] = {}
-        self.stats = {"drafted_tokens": 0, "accepted_draft_tokens": 0, "steps": 0}
+        self.stats = {"drafts": 0, "drafted_tokens": 0, "accepted_draft_tokens": 0, "steps": 0}
 
     # -- requests ---------------------------------------------------------------------------
     def add(self, request: GenerateRequest) -> None:
@@ -152,6 +156,11 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[Chunk]:
         plan = self.scheduler.schedule()
+        now = time.monotonic()
+        for s in plan.scheduled:
+            live = self._live[s.request_id]
+            if live.queue_s is None:
+                live.queue_s = now - live.added_s
         rows = {s.request_id: self._live[s.request_id].row for s in plan.scheduled}
         tokens = {s.request_id: self.scheduler.token_ids(s.request_id) for s in plan.scheduled}
         try:
@@ -161,6 +170,7 @@ class Engine:
             return [c for u in updates if (c := self._on_update(u, None)) is not None]
         for s in plan.scheduled:
             self.stats["drafted_tokens"] += len(s.draft_token_ids)
+            self.stats["drafts"] += bool(s.draft_token_ids)
         self.stats["steps"] += 1
         extras = {o.request_id: o.extras for o in output.seqs}
         chunks = []
@@ -198,7 +208,7 @@ class Engine:
         usage = None
         if finish is not None:
             del self._live[update.request_id]
-            usage = Usage(live.num_prompt, len(live.token_ids), live.num_cached)
+            usage = Usage(live.num_prompt, len(live.token_ids), live.num_cached, live.queue_s or 0.0)
         return Chunk(update.request_id, new_ids, emitted, finish, usage, logprobs, update.error)
 
     # -- offline ----------------------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""The `Attention` Serve deployment: one data-parallel attention replica with its own engine and KV
+cache, experts reached through the shared pool's shard actors. It streams chunks to the gateway,
+publishes its prefix-cache report for the router, its load for the autoscaler, and its metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.engine_clients import stream_request
+from cluster.metrics_ray import ray_metrics
+from cluster.request_metrics import RequestTimer, TTFTWindow, record_finished
+from cluster.spec import ClusterSpec
+from gateway.engine_client import EngineError
+
+if TYPE_CHECKING:
+    from replicas.dispatch import ExpertDispatcher
+    from replicas.timed_transport import TimedTransport
+
+REPORT_PERIOD_S = 1.0
+LAYER_TYPES = {"full": "full_attention", "swa": "sliding_attention"}
+
+
+def engine_config(spec: ClusterSpec) -> Any:
+    from replicas.engine_config import EngineConfig
+
+    e = spec.engine
+    return EngineConfig(
+        block_size=e.block_size,
+        kv_cache_bytes=e.kv_cache_mib * 2**20,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        max_prefill_chunk=e.max_prefill_chunk,
+        max_model_len=e.max_model_len,
+        num_mtp_drafts=e.num_mtp_drafts,
+        enable_prefix_cache=e.enable_prefix_cache,
+        kv_dtype_bytes=4 if spec.model.dtype == "float32" else 2,
+    )
+
+
+class AttentionDeployment:
+    async def __init__(self, spec: dict[str, Any], pool: DeploymentHandle | None) -> None:  # type: ignore[misc]
+        import torch
+
+        from mimo.tokenizer import Tokenizer
+        from mimo.weights import load_model
+        from replicas.async_engine import AsyncEngine
+        from replicas.dispatch import ExpertDispatcher
+        from replicas.engine import Engine
+        from replicas.expert_pool import RayTransport
+        from replicas.timed_transport import TimedTransport
+        from router.report import ReplicaReportBuilder
+
+        self.spec = ClusterSpec.model_validate(spec)
+        torch.set_num_threads(self.spec.engine.threads)
+        dtype = getattr(torch, self.spec.model.dtype)
+        model = load_model(self.spec.model.path, dtype=dtype, experts="none" if pool else "all")
+        engine = Engine(model, Tokenizer.from_dir(self.spec.model.path), engine_config(self.spec))
+        self.pool = pool
+        self.dispatcher: ExpertDispatcher | None = None
+        self.transport: TimedTransport | None = None
+        self.placement_version = 0
+        if pool is not None:
+            actors, placement, num_experts, self.placement_version = await pool.actors.remote()
+            self.transport = TimedTransport(RayTransport(actors))
+            self.dispatcher = ExpertDispatcher(self.transport, placement, num_experts)
+            engine.runner.paged.dispatcher = self.dispatcher
+        self.engine = AsyncEngine(engine)
+        self.max_streams = self.spec.engine.max_num_seqs + self.spec.engine.max_queued_requests
+        layout = engine.kv_cache.layout
+        self.report = ReplicaReportBuilder(layout.block_size, layout.window)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.metrics = ray_metrics({"replica": self.replica_id})
+        self.ttft = TTFTWindow()
+        self._recorded = self.engine.snapshot()
+        self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
+
+    async def generate(
+        self, *, prompt_token_ids: list[int], salt: str | None, params: dict[str, Any], request_id: str
+    ) -> AsyncIterator[dict[str, Any]]:
+        timer = RequestTimer()
+        try:
+            stream = stream_request(
+                self.engine,
+                prompt_token_ids=prompt_token_ids,
+                salt=salt,
+                params=params,
+                request_id=request_id,
+                max_streams=self.max_streams,
+            )
+            async for chunk in stream:
+                timer.on_chunk(chunk)
+                if chunk.finish_reason is not None:
+                    record_finished(self.metrics, timer, chunk)
+                    if timer.ttft_s is not None:
+                        self.ttft.add(timer.ttft_s, time.monotonic())
+                yield chunk.to_dict()
+        except EngineError as e:
+            yield {"refused": e.to_dict()}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        snap = self.engine.snapshot()
+        self.report.add_events(self.engine.drain_kv_events())
+        return self.report.build(
+            num_running=snap.num_running,
+            num_waiting=snap.num_waiting,
+            kv_usage=snap.kv_usage.get("full", 0.0),
+        )
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the application autoscaling policy reads (cluster.metrics_source STAT_* keys)."""
+        snap = self.engine.snapshot()
+        stats = {
+            "kv_usage": snap.kv_usage.get("full", 0.0),
+            "num_waiting": float(snap.num_waiting),
+            "num_running": float(snap.num_running),
+        }
+        p90 = self.ttft.p90(time.monotonic())
+        if p90 is not None:
+            stats["ttft_p90_s"] = p90
+        return stats
+
+    async def _report_loop(self) -> None:
+        while True:
+            snap, last = self.engine.snapshot(), self._recorded
+            self.metrics.engine_state(
+                num_running=snap.num_running,
+                num_waiting=snap.num_waiting,
+                kv_usage={LAYER_TYPES[k]: v for k, v in snap.kv_usage.items()},
+            )
+            self.metrics.spec_decode(
+                num_drafts=snap.num_drafts - last.num_drafts,
+                num_draft_tokens=snap.num_drafted_tokens - last.num_drafted_tokens,
+                num_accepted_tokens=snap.num_accepted_draft_tokens - last.num_accepted_draft_tokens,
+            )
+            self.metrics.preempted(snap.num_preemptions - last.num_preemptions)
+            for seconds in self.transport.drain_durations() if self.transport else []:
+                self.metrics.dispatch(seconds, "ray")
+            self._recorded = snap
+            await self._sync_placement()
+            await asyncio.sleep(REPORT_PERIOD_S)
+
+    async def _sync_placement(self) -> None:
+        """EPLB: switch to the pool's newer placement (atomically, between layer calls); the next
+        sync reports the new version, which is the pool's signal that old copies may go."""
+        if self.pool is None or self.dispatcher is None:
+            return
+        try:
+            update = await self.pool.sync.remote(self.replica_id, self.placement_version)
+        except Exception:  # the pool restarting: keep routing by the placement we have
+            return
+        if update is not None:
+            self.placement_version, placement = update
+            self.dispatcher.set_placement(placement)
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError("engine thread stopped")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()

@@ -1,0 +1,131 @@
+"""The `ExpertPool` Serve deployment: owns the expert shard actors (a placement group spread over
+nodes; Ray restarts a dead shard and retries its call), measures their load (tokens per (layer,
+expert) and per shard, busy time, balancedness) and runs EPLB live: load the new placement beside
+traffic, publish it as a new version, wait until every live attention replica routes by it, then
+drop what moved away. Attention replicas call the shard actors directly (no Serve hop on the hot
+path) and `sync` with the pool once per report period, which is also their acknowledgement."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from typing import Any
+
+from cluster.metrics_ray import ray_metrics
+from cluster.spec import ClusterSpec
+
+STATS_PERIOD_S = 2.0
+LIVE_REPLICA_S = 10.0  # an attention replica not heard from for this long no longer holds a switch
+SWITCH_TIMEOUT_S = 30.0
+FINALIZE_GRACE_S = 1.0  # a layer call that read the old table just before the switch ends by then
+
+
+class ExpertPoolDeployment:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        from mimo.config import MiMoConfig
+        from replicas.expert_placement import LoadTracker, initial_placement
+        from replicas.expert_pool import ExpertPool, ShardResources
+
+        self.spec = ClusterSpec.model_validate(spec)
+        config = MiMoConfig.from_file(f"{self.spec.model.path}/config.json")
+        self.moe_layers = [i for i, is_moe in enumerate(config.is_moe_layer) if is_moe]
+        self.num_experts = config.num_experts
+        self.placement = initial_placement(self.moe_layers, config.num_experts, self.spec.experts.num_shards)
+        self.version = 0
+        x = self.spec.experts
+        self.pool = ExpertPool.start(
+            self.spec.model.path,
+            self.placement,
+            ShardResources(x.num_cpus, x.num_gpus, x.threads),
+            x.placement_strategy,
+            self.spec.model.dtype,
+        )
+        self.metrics = ray_metrics()
+        self.tracker = LoadTracker()
+        self.seen: dict[str, tuple[int, float]] = {}  # attention replica -> (version it routes by, when)
+        self._stats_task: asyncio.Task[None] | None = None
+        self._last_rebalance_s = time.monotonic()
+
+    async def actors(self) -> tuple[list[Any], Any, int, int]:
+        """Shard actor handles, the current placement, the number of experts, its version."""
+        self._start_stats()
+        return self.pool.actors, self.placement, self.num_experts, self.version
+
+    async def sync(self, replica_id: str, version: int) -> tuple[int, Any] | None:
+        """Called by each attention replica with the placement version it routes by; returns a newer
+        (version, placement) to switch to, or None."""
+        self.seen[replica_id] = (version, time.monotonic())
+        return None if version == self.version else (self.version, self.placement)
+
+    async def is_ready(self) -> bool:
+        self._start_stats()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(a.pid.remote() for a in self.pool.actors)), timeout=5)
+            return True
+        except Exception:  # a shard being restarted is not ready
+            return False
+
+    def _start_stats(self) -> None:
+        if self._stats_task is None:
+            self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop())
+
+    async def _stats_loop(self) -> None:
+        from replicas.expert_placement import balancedness
+
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(STATS_PERIOD_S)
+            try:
+                stats = await asyncio.gather(*(a.drain_stats.remote() for a in self.pool.actors))
+            except Exception:  # a shard restarting: its counts since the last drain are lost, not the pool
+                continue
+            now = time.monotonic()
+            elapsed, last = now - last, now
+            counts: dict[tuple[int, int], int] = defaultdict(int)
+            for shard, s in enumerate(stats):
+                shard_counts: dict[tuple[int, int], int] = s["token_counts"]
+                for key, n in shard_counts.items():
+                    counts[key] += n
+                self.metrics.shard_load(
+                    shard=shard,
+                    num_tokens=sum(shard_counts.values()),
+                    busy_ratio=min(1.0, float(s["compute_s"]) / elapsed),
+                )
+            self.metrics.expert_tokens(counts)
+            self.tracker.update(counts)
+            self.metrics.eplb(balancedness(self.placement, self.tracker.load))
+            interval = self.spec.experts.eplb_interval_s
+            if interval > 0 and now - self._last_rebalance_s >= interval and self.tracker.load:
+                self._last_rebalance_s = now
+                await self._rebalance()
+
+    async def _rebalance(self) -> None:
+        from replicas.expert_placement import balancedness, rebalance
+
+        load = dict(self.tracker.load)
+        x = self.spec.experts
+        new = rebalance(load, self.moe_layers, self.num_experts, x.num_shards, x.num_redundant)
+        before, after = balancedness(self.placement, load), balancedness(new, load)
+        if after - before < x.eplb_min_gain:
+            return
+        keys = [new.experts_of_shard(s) for s in range(x.num_shards)]
+        await asyncio.gather(*(a.prepare.remote(k) for a, k in zip(self.pool.actors, keys, strict=True)))
+        self.placement, self.version = new, self.version + 1
+        deadline = time.monotonic() + SWITCH_TIMEOUT_S
+        while time.monotonic() < deadline and self._lagging():
+            await asyncio.sleep(0.2)
+        if self._lagging():  # keep old + new loaded: a lagging replica still finds its experts
+            return
+        await asyncio.sleep(FINALIZE_GRACE_S)
+        await asyncio.gather(*(a.finalize.remote(k) for a, k in zip(self.pool.actors, keys, strict=True)))
+        self.metrics.eplb(after, rebalanced=True)
+
+    def _lagging(self) -> bool:
+        now = time.monotonic()
+        return any(v != self.version and now - t < LIVE_REPLICA_S for v, t in self.seen.values())
+
+    def __del__(self) -> None:
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown()

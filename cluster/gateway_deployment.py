@@ -1,0 +1,57 @@
+"""The `Gateway` Serve deployment: the OpenAI API (`gateway.api.build_app`) built at replica start
+from the spec, calling the Attention deployment through a handle routed by the prefix-aware router.
+`/ready` is true only when every deployment is healthy and every expert shard answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.engine_clients import ServeEngineClient
+from cluster.metrics_ray import ray_metrics
+from cluster.spec import ClusterSpec
+from gateway.config import GatewayConfig
+
+APP_NAME = "mimo"
+
+
+def max_model_len(spec: ClusterSpec) -> int:
+    from mimo.config import MiMoConfig
+
+    limit = MiMoConfig.from_file(f"{spec.model.path}/config.json").max_position_embeddings
+    return min(spec.engine.max_model_len or limit, limit)
+
+
+class GatewayDeployment:
+    def __init__(
+        self, spec: dict[str, Any], attention: DeploymentHandle, pool: DeploymentHandle | None
+    ) -> None:
+        self.spec = ClusterSpec.model_validate(spec)
+        self.attention = attention
+        self.pool = pool
+
+    async def _is_ready(self) -> bool:
+        status = serve.status().applications.get(APP_NAME)
+        if status is None or any(d.status != "HEALTHY" for d in status.deployments.values()):
+            return False
+        return True if self.pool is None else bool(await self.pool.is_ready.remote())
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from gateway.api import build_app
+        from mimo.tokenizer import Tokenizer
+
+        s = self.spec
+        config = GatewayConfig(
+            served_model_name=s.model.served_name,
+            max_model_len=max_model_len(s),
+            max_prompt_tokens=s.gateway.max_prompt_tokens,
+            max_body_bytes=s.gateway.max_body_bytes,
+            requests_per_minute=s.gateway.requests_per_minute,
+            tokens_per_minute=s.gateway.tokens_per_minute,
+            max_pending_requests=s.gateway.max_pending_requests,
+            api_keys_file=s.gateway.api_keys_file,
+        )
+        client = ServeEngineClient(self.attention, self._is_ready)
+        return build_app(client, Tokenizer.from_dir(s.model.path), config, ray_metrics())

@@ -1,0 +1,185 @@
+"""A router's view of which replica holds which prefix blocks, fed by the replicas' reports.
+
+Each replica's view replays its numbered event log from a cursor (or reloads a snapshot after a
+gap or a new epoch), so every router that has seen the same log position holds the same sets. A
+match follows the engine's own lookup rule: every GA block of the prefix, plus the SWA blocks of
+the window before its end, capped so one prompt token is always left to compute. Requests just
+routed add short-lived guesses until the replica's events confirm or evict them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.report import REPORT_FORMAT, ReplicaReport, parse_report
+
+
+@dataclass(frozen=True)
+class ViewState:
+    """What a router knows about one replica (compared across routers to prove convergence)."""
+
+    epoch: str | None
+    cursor: int | None  # last event seq applied; None: waiting for a snapshot
+    full: frozenset[int]
+    swa: frozenset[int]
+
+
+@dataclass
+class _View:
+    epoch: str | None = None
+    cursor: int | None = None
+    full: set[int] = field(default_factory=set)
+    swa: set[int] = field(default_factory=set)
+    report: ReplicaReport | None = None
+    received_at: float = float("-inf")  # local time the current report was first seen
+    is_compatible: bool = True  # the replica hashes with our block size
+    guesses: OrderedDict[int, float] = field(default_factory=OrderedDict)  # hash -> expiry time
+
+    def reset(self, epoch: str) -> None:
+        self.epoch, self.cursor = epoch, 0  # a fresh epoch starts empty at seq 0
+        self.full.clear()
+        self.swa.clear()
+        self.guesses.clear()
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    report_age_s: float
+
+
+class PrefixIndex:
+    """Per-replica views keyed by replica id; time is passed in (monotonic seconds) for exact tests."""
+
+    def __init__(self, block_size: int, guess_ttl_s: float) -> None:
+        if block_size < 1 or guess_ttl_s < 0:
+            raise ValueError(f"block_size must be >= 1 and guess_ttl_s >= 0, got {block_size}, {guess_ttl_s}")
+        self.block_size = block_size
+        self.guess_ttl_s = guess_ttl_s
+        self._views: dict[str, _View] = {}
+
+    @property
+    def replica_ids(self) -> list[str]:
+        return sorted(self._views)
+
+    def apply_report(self, replica_id: str, data: Mapping[str, Any] | None, now: float) -> bool:
+        """Bring the view up to the report in `data` (a routing-stats dict); True if it was new."""
+        view = self._views.setdefault(replica_id, _View())
+        if not data or data.get("format") != REPORT_FORMAT:
+            return False
+        last = view.report  # compare before parsing: most calls carry a report already applied
+        if last is not None and last.epoch == data["epoch"] and last.report_seq >= int(data["report_seq"]):
+            return False  # seen already (or delivered out of order)
+        report = parse_report(data)
+        assert report is not None
+        view.report, view.received_at = report, now
+        view.is_compatible = report.block_size == self.block_size
+        if report.epoch != view.epoch:
+            view.reset(report.epoch)
+        self._catch_up(view, report)
+        self._expire_guesses(view, now)
+        return True
+
+    def _catch_up(self, view: _View, report: ReplicaReport) -> None:
+        cursor = view.cursor
+        if cursor is None or cursor + 1 < report.log_start or cursor > report.log_end:
+            snapshot = report.snapshot
+            if snapshot is None:  # behind the retained log: no prefix info until a snapshot
+                view.cursor = None
+                view.full.clear()
+                view.swa.clear()
+                return
+            view.full, view.swa = snapshot.decode()
+            view.cursor = snapshot.seq
+            cursor = snapshot.seq
+        for event in report.events:
+            if event.seq <= cursor:
+                continue
+            held = view.full if event.pool == "full" else view.swa
+            if event.kind == "stored":
+                held.update(event.hashes)
+            else:
+                held.difference_update(event.hashes)
+            for block_hash in event.hashes:  # confirmed or evicted: the truth replaces the guess
+                view.guesses.pop(block_hash, None)
+        view.cursor = max(cursor, report.log_end)
+
+    def note_routed(self, replica_id: str, block_hashes: Sequence[int], now: float) -> None:
+        """Guess that `replica_id` will hold these blocks soon (it was just sent the prompt)."""
+        view = self._views.setdefault(replica_id, _View())
+        expiry = now + self.guess_ttl_s
+        for block_hash in block_hashes:
+            view.guesses[block_hash] = expiry
+            view.guesses.move_to_end(block_hash)
+
+    def drop_guesses(self, replica_id: str, block_hashes: Sequence[int]) -> None:
+        """Undo `note_routed` (the request went elsewhere)."""
+        view = self._views.get(replica_id)
+        if view is not None:
+            for block_hash in block_hashes:
+                view.guesses.pop(block_hash, None)
+
+    def retain(self, replica_ids: Iterable[str]) -> None:
+        """Forget replicas that are gone (scaled down, died)."""
+        keep = set(replica_ids)
+        for replica_id in [r for r in self._views if r not in keep]:
+            del self._views[replica_id]
+
+    def matched_blocks(
+        self, replica_id: str, block_hashes: Sequence[int], num_tokens: int, now: float
+    ) -> int:
+        """Leading blocks of the prompt the replica would take from its cache (its engine's rule)."""
+        view = self._views.get(replica_id)
+        if view is None or not view.is_compatible or num_tokens < 1:
+            return 0
+        guesses = view.guesses
+
+        def held(pool: set[int], block_hash: int) -> bool:
+            return block_hash in pool or guesses.get(block_hash, float("-inf")) > now
+
+        max_blocks = min(len(block_hashes), (num_tokens - 1) // self.block_size)
+        num_blocks = 0
+        while num_blocks < max_blocks and held(view.full, block_hashes[num_blocks]):
+            num_blocks += 1
+        window = view.report.window if view.report is not None else 0  # no report: guesses only
+        while num_blocks > 0:  # right to left: the window before the hit's end must be in SWA
+            first_live = max(0, num_blocks * self.block_size - window) // self.block_size
+            missing = next(
+                (j for j in range(num_blocks - 1, first_live - 1, -1) if not held(view.swa, block_hashes[j])),
+                None,
+            )
+            if missing is None:
+                return num_blocks
+            num_blocks = missing
+        return 0
+
+    def load(self, replica_id: str, now: float) -> ReplicaLoad | None:
+        view = self._views.get(replica_id)
+        if view is None or view.report is None:
+            return None
+        report = view.report
+        return ReplicaLoad(report.num_running, report.num_waiting, report.kv_usage, now - view.received_at)
+
+    def has_prefix_view(self, replica_id: str) -> bool:
+        """The replica's block sets are usable (synced to its log, same block size)."""
+        view = self._views.get(replica_id)
+        return view is not None and view.report is not None and view.is_compatible and view.cursor is not None
+
+    def view_state(self, replica_id: str) -> ViewState:
+        view = self._views.get(replica_id, _View())
+        return ViewState(view.epoch, view.cursor, frozenset(view.full), frozenset(view.swa))
+
+    def num_guesses(self, replica_id: str, now: float) -> int:
+        view = self._views.get(replica_id)
+        return 0 if view is None else sum(expiry > now for expiry in view.guesses.values())
+
+    @staticmethod
+    def _expire_guesses(view: _View, now: float) -> None:
+        guesses = view.guesses  # expiry grows with insertion order (move_to_end on refresh)
+        while guesses and next(iter(guesses.values())) <= now:
+            guesses.popitem(last=False)

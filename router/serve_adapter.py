@@ -1,0 +1,281 @@
+"""The one file touching Serve's alpha `RequestRouter` API: prefix-aware routing for a handle.
+
+Each candidate's latest `routing_stats` (a `router.report` dict) is applied to a local
+`PrefixIndex` whenever Serve pushes replica updates; a request's `prompt_token_ids` and `salt`
+kwargs are hashed like the engine does, replicas are scored by `router.policy`, and the ranking is
+returned one replica per rank, so Serve takes the best one that still has room. Not FIFO: Serve's
+default matching hands the chosen replica to this exact request, which is what prefix affinity needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
+
+from mimo.block_hash import root_hash
+from observability.recorder import Metrics
+from router.hashing import hash_prompt_blocks
+from router.policy import (
+    Candidate,
+    PowerOfTwo,
+    RoundRobin,
+    RouteDecision,
+    RouterConfig,
+    decision_reason,
+    rank_prefix,
+)
+from router.prefix_index import PrefixIndex
+
+MAX_TRACKED_REQUESTS = 65536  # routed requests remembered for in-flight counts (oldest dropped)
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """One routing decision, for metrics: where it went and how many prompt tokens should hit."""
+
+    request_id: str
+    replica_id: str
+    reason: str  # policy.decision_reason: prefix, load, fallback, round_robin, power_of_two
+    num_prompt_tokens: int
+    expected_hit_tokens: int
+
+
+@dataclass(frozen=True)
+class _Routed:
+    replica_id: str
+    block_hashes: tuple[int, ...]
+
+
+def make_request_router_config(config: RouterConfig, stats_period_s: float) -> RequestRouterConfig:
+    """Serve's router config for a deployment routed by `PrefixAwareRequestRouter`.
+
+    Reports arrive about every `stats_period_s` (Serve polls `record_routing_stats`); a replica is
+    stale after `config.stale_after_s`, so the period must leave room for a late poll or two.
+    """
+    if stats_period_s * 2 > config.stale_after_s:
+        raise ValueError(
+            f"router stale_after_s ({config.stale_after_s}) must be at least twice the routing stats "
+            f"period ({stats_period_s}), or every replica would look stale between reports"
+        )
+    options: dict[str, Any] = {  # Ray annotates every keyword of this constructor as a dict
+        "request_router_class": PrefixAwareRequestRouter,
+        "request_router_kwargs": config.to_kwargs(),
+        "request_routing_stats_period_s": stats_period_s,
+        "request_routing_stats_timeout_s": max(stats_period_s * 3, 1.0),
+    }
+    return RequestRouterConfig(**options)
+
+
+def load_metrics(factory_path: str) -> Metrics | None:
+    """Call the "module:function" metrics factory named in the config ("" means no metrics)."""
+    if not factory_path:
+        return None
+    module_name, _, function_name = factory_path.partition(":")
+    metrics = getattr(importlib.import_module(module_name), function_name)()
+    if not isinstance(metrics, Metrics):
+        raise TypeError(f"{factory_path} returned {type(metrics).__name__}, not observability Metrics")
+    return metrics
+
+
+def _prompt_of(pending_request: PendingRequest | None) -> tuple[Sequence[int], str | None]:
+    """`prompt_token_ids` and `salt` from the request kwargs (the gateway contract), or ([], None)."""
+    if pending_request is None:
+        return [], None
+    kwargs = pending_request.kwargs
+    token_ids = kwargs.get("prompt_token_ids")
+    salt = kwargs.get("salt")
+    if not isinstance(token_ids, list | tuple):
+        return [], None
+    return token_ids, salt if isinstance(salt, str) else None
+
+
+class PrefixAwareRequestRouter(RequestRouter):
+    """Serve calls `initialize_state(**RouterConfig.to_kwargs())` once, then routes with it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._setup(RouterConfig())
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self._setup(RouterConfig.from_kwargs(kwargs))
+
+    def _setup(self, config: RouterConfig) -> None:
+        self.config = config
+        self.metrics = load_metrics(config.metrics_factory)
+        self.index = PrefixIndex(config.block_size, config.guess_ttl_s)
+        self._round_robin = RoundRobin()
+        self._power_of_two = PowerOfTwo(config.seed)
+        self._routed: OrderedDict[str, _Routed] = OrderedDict()  # internal request id -> where
+        self._in_flight: Counter[str] = Counter()  # replica id -> routed here, not completed
+        self.decisions: deque[DecisionRecord] = deque(maxlen=1024)
+        self.num_decisions: Counter[str] = Counter()  # reason -> decisions
+        self.num_expected_hit_tokens = 0
+        self.num_prompt_tokens = 0
+
+    # --- Serve hooks -----------------------------------------------------------------------------
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._apply_reports(replicas)
+        live = {r.replica_id.unique_id for r in replicas}
+        self.index.retain(live)
+        for replica_id in [r for r in self._in_flight if r not in live]:
+            del self._in_flight[replica_id]
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.index.retain(r.unique_id for r in self.curr_replicas)
+        self._in_flight.pop(replica_id.unique_id, None)
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        self._apply_reports(candidate_replicas)  # no-op unless a report is new
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        token_ids, salt = _prompt_of(pending_request)
+        hashes: list[int] = []
+        if self.config.policy == "round_robin":
+            decision = self._round_robin.rank(list(by_id))
+        elif self.config.policy == "power_of_two":
+            decision = self._power_of_two.rank(await self._candidates(candidate_replicas, [], 0))
+        else:
+            if token_ids:
+                hashes = await hash_prompt_blocks(
+                    token_ids,
+                    self.config.block_size,
+                    salt,
+                    self.config.max_hashed_blocks,
+                    self.config.hash_chunk_blocks,
+                )
+            tie_key = hashes[0] if hashes else root_hash(salt)
+            candidates = await self._candidates(candidate_replicas, hashes, len(token_ids))
+            decision = rank_prefix(candidates, self.config, tie_key)
+        if pending_request is not None:
+            self._note_routed(pending_request, decision.ranked[0], hashes)
+            self._record(pending_request, decision, len(token_ids))
+        return [[by_id[replica_id]] for replica_id in decision.ranked if replica_id in by_id]
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
+    ) -> None:
+        """Serve took another replica than our first choice (it was full): move the guess there."""
+        request_id = pending_request.metadata.internal_request_id
+        routed = self._routed.get(request_id)
+        actual = replica_id.unique_id
+        if routed is None or routed.replica_id == actual:
+            return
+        self._in_flight[routed.replica_id] -= 1
+        self._in_flight[actual] += 1
+        self._routed[request_id] = _Routed(actual, routed.block_hashes)
+        self.index.drop_guesses(routed.replica_id, routed.block_hashes)
+        self.index.note_routed(actual, routed.block_hashes, time.monotonic())
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        routed = self._routed.get(internal_request_id)
+        if routed is not None and routed.replica_id == replica_id.unique_id:
+            self._forget(internal_request_id)
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _apply_reports(self, replicas: Sequence[RunningReplica]) -> None:
+        now = time.monotonic()
+        for replica in replicas:
+            self.index.apply_report(replica.replica_id.unique_id, replica.routing_stats, now)
+
+    async def _candidates(
+        self, replicas: Sequence[RunningReplica], hashes: Sequence[int], num_tokens: int
+    ) -> list[Candidate]:
+        """Each replica's cached prefix and load. Requests: the largest of three lower bounds (the
+        last report, this router's in-flight count, Serve's queue-length cache). A long prompt
+        yields to the loop between replicas (matching costs up to ~1 µs per block per replica)."""
+        is_long = len(hashes) > self.config.hash_chunk_blocks
+        now = time.monotonic()
+        candidates: list[Candidate] = []
+        for replica in replicas:
+            if is_long and candidates:
+                await asyncio.sleep(0)
+            replica_id = replica.replica_id.unique_id
+            load = self.index.load(replica_id, now)
+            is_fresh = load is not None and load.report_age_s <= self.config.stale_after_s
+            reported = load.num_running + load.num_waiting if load is not None and is_fresh else 0
+            queue_len = self.replica_queue_len_cache.get(replica.replica_id) or 0
+            num_requests = max(reported, self._in_flight[replica_id], queue_len)
+            cached = self.index.matched_blocks(replica_id, hashes, num_tokens, now) if hashes else 0
+            kv_usage = load.kv_usage if load is not None else 0.0
+            candidates.append(Candidate(replica_id, cached, num_requests, kv_usage, is_fresh))
+        return candidates
+
+    def _note_routed(self, pending_request: PendingRequest, replica_id: str, hashes: Sequence[int]) -> None:
+        """Count the request against its first choice now, so a burst routed before any replica
+        answers still spreads; undone if the request is cancelled before it is sent."""
+        request_id = pending_request.metadata.internal_request_id
+        self._forget(request_id)  # a retry of the same request
+        self._routed[request_id] = _Routed(replica_id, tuple(hashes))
+        self._in_flight[replica_id] += 1
+        self.index.note_routed(replica_id, hashes, time.monotonic())
+        while len(self._routed) > MAX_TRACKED_REQUESTS:
+            self._forget(next(iter(self._routed)))
+
+        def on_done(future: asyncio.Future[Any]) -> None:
+            if future.cancelled():
+                routed = self._routed.get(request_id)
+                if routed is not None and routed.replica_id == replica_id:
+                    self._forget(request_id)
+
+        pending_request.future.add_done_callback(on_done)
+
+    def _forget(self, request_id: str) -> None:
+        routed = self._routed.pop(request_id, None)
+        if routed is not None and self._in_flight[routed.replica_id] > 0:
+            self._in_flight[routed.replica_id] -= 1
+
+    def _record(
+        self, pending_request: PendingRequest, decision: RouteDecision, num_prompt_tokens: int
+    ) -> None:
+        """The metrics hook: every decision with its expected prefix-cache hit."""
+        expected_hit_tokens = decision.expected_hit_blocks * self.config.block_size
+        replica_id, reason = decision.ranked[0], decision_reason(decision)
+        record = DecisionRecord(
+            pending_request.metadata.internal_request_id,
+            replica_id,
+            reason,
+            num_prompt_tokens,
+            expected_hit_tokens,
+        )
+        self.decisions.append(record)
+        self.num_decisions[reason] += 1
+        self.num_expected_hit_tokens += expected_hit_tokens
+        self.num_prompt_tokens += num_prompt_tokens
+        if self.metrics is not None:
+            self.metrics.routed(
+                replica=replica_id,
+                reason=reason,
+                num_prompt_tokens=num_prompt_tokens,
+                num_expected_hit_tokens=expected_hit_tokens,
+            )
+
+    def view_summary(self) -> dict[str, Mapping[str, Any]]:
+        """Per replica: epoch, log cursor, held GA/SWA blocks, report age (for debugging and tests)."""
+        now = time.monotonic()
+        summary: dict[str, Mapping[str, Any]] = {}
+        for replica_id in self.index.replica_ids:
+            state = self.index.view_state(replica_id)
+            load = self.index.load(replica_id, now)
+            summary[replica_id] = {
+                "epoch": state.epoch,
+                "cursor": state.cursor,
+                "num_full_blocks": len(state.full),
+                "num_swa_blocks": len(state.swa),
+                "report_age_s": None if load is None else load.report_age_s,
+            }
+        return summary

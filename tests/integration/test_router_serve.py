@@ -1,0 +1,184 @@
+"""The prefix-aware router inside a real Serve app: three replicas publish the blocks they served
+through `ReplicaReportBuilder`; a burst of prompts sharing a system block spreads by load, then
+two routers (the driver's handle and one in another process, like a second gateway; guesses off)
+send each follow-up to the replica holding its prefix, although the tie-break alone would send
+them all to one replica; the driver's router records its decisions through `observability`."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from mimo.block_hash import block_hashes
+from observability.recorder import Metrics, PrometheusBackend
+from replicas.block_pool import KVEvent
+from router.policy import RouterConfig, rendezvous_key
+from router.report import ReplicaReportBuilder
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+pytestmark = pytest.mark.integration
+B = 4
+STATS_PERIOD_S = 0.2
+SYSTEM = [7, 7, 7, 7]  # one shared block, like a system prompt
+USERS = [[10 * i + j for j in range(8)] for i in range(1, 7)]  # two distinct blocks each
+PROMPTS = [SYSTEM + user + [1] for user in USERS]  # 13 tokens: 3 full blocks, all 3 can hit
+FOLLOW_UPS = [[*p[:12], 2, 3, 4, 5, 6] for p in PROMPTS]  # same 3 blocks + 1 new; 17 tokens
+
+
+class Recorder:
+    """Stands in for an attention replica: "caches" every full block of what it serves."""
+
+    def __init__(self) -> None:
+        self._reports = ReplicaReportBuilder(block_size=B, window=1024)
+        self._held: set[int] = set()
+        self._num_running = 0
+
+    async def generate(
+        self, *, prompt_token_ids: list[int], salt: str | None, params: dict[str, Any], request_id: str
+    ) -> str:
+        self._num_running += 1
+        try:
+            await asyncio.sleep(params.get("sleep_s", 0.0))
+            if not params.get("dry_run", False):
+                new = tuple(h for h in block_hashes(prompt_token_ids, B, salt) if h not in self._held)
+                self._held.update(new)
+                self._reports.add_events([KVEvent("stored", new, "full"), KVEvent("stored", new, "swa")])
+            return str(serve.get_replica_context().replica_id.unique_id)
+        finally:
+            self._num_running -= 1
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return self._reports.build(self._num_running, 0, len(self._held) / 1000)
+
+
+PrefixRecorder = serve.deployment(
+    name="PrefixRecorder", num_replicas=3, max_ongoing_requests=8, ray_actor_options={"num_cpus": 0}
+)(Recorder)
+
+
+@functools.cache
+def _backend() -> PrometheusBackend:
+    return PrometheusBackend()
+
+
+@functools.cache
+def prometheus_metrics() -> Metrics:
+    """The routers' `RouterConfig.metrics_factory`: one registry per process (cached: a registry
+    rejects a second registration of the same names)."""
+    return Metrics(_backend())
+
+
+def _total(name: str, **labels: str) -> float:
+    """Sum of a metric's samples in this process's registry, over series matching `labels`."""
+    return sum(
+        sample.value
+        for family in _backend().registry.collect()
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+METRICS = ("decisions", "expected_hit_tokens", "prompt_tokens")
+
+
+def _send(handle: Any, prompt: list[int], request_id: str, **params: Any) -> Any:
+    return handle.generate.remote(prompt_token_ids=prompt, salt=None, params=params, request_id=request_id)
+
+
+def _route_follow_ups(handle: Any) -> list[str]:
+    """Each follow-up through `handle`'s router (dry run: the replica caches nothing for it)."""
+    return [_send(handle, p, f"f{i}", dry_run=True).result(timeout_s=30) for i, p in enumerate(FOLLOW_UPS)]
+
+
+class OtherGateway:
+    """A second router in its own process, like another gateway replica. (A second handle in the
+    same process would be a second router there, which Ray 2.60 may leave without its deployment
+    config while routing stats are broadcast often: its first request then hangs.)"""
+
+    def __init__(self, app_name: str) -> None:
+        self._handle = serve.get_deployment_handle("PrefixRecorder", app_name=app_name)
+
+    def route_follow_ups(self) -> list[str]:
+        return _route_follow_ups(self._handle)
+
+
+def _until_equal(route: Any, expected: list[str], timeout_s: float) -> list[str]:
+    """Routes until the result is `expected` (reports arrive every STATS_PERIOD_S) or time is up."""
+    deadline = time.monotonic() + timeout_s
+    routed = route()
+    while routed != expected and time.monotonic() < deadline:
+        time.sleep(STATS_PERIOD_S)
+        routed = route()
+    return routed
+
+
+def test_make_request_router_config_rejects_a_period_that_makes_every_replica_stale() -> None:
+    """Catches a deployment whose reports arrive slower than they go stale (prefix routing never on)."""
+    from router.serve_adapter import make_request_router_config
+
+    with pytest.raises(ValueError, match="at least twice the routing stats period"):
+        make_request_router_config(RouterConfig(stale_after_s=1.0), stats_period_s=1.0)
+    config = make_request_router_config(RouterConfig(block_size=B), stats_period_s=0.5)
+    assert config.request_routing_stats_period_s == 0.5
+    assert RouterConfig.from_kwargs(config.request_router_kwargs) == RouterConfig(block_size=B)
+
+
+def test_metrics_factory_is_loaded_by_path_and_checked() -> None:
+    """Catches a misnamed factory failing silently (a router that records nothing)."""
+    from router.serve_adapter import load_metrics
+
+    assert load_metrics("") is None
+    assert load_metrics(f"{__name__}:prometheus_metrics") is prometheus_metrics()
+    with pytest.raises(TypeError, match="returned str, not observability Metrics"):
+        load_metrics("platform:system")
+
+
+def test_prefix_router_in_serve(ray_cluster: object) -> None:
+    """Catches a router that ignores replica reports, hashes differently from the replicas, does not
+    spread a burst by load, whose view differs between two routers, or that records no metrics."""
+    from router.serve_adapter import make_request_router_config
+
+    # No guesses: the follow-ups below must be placed by the replicas' reports alone.
+    metrics_factory = f"{__name__}:prometheus_metrics"
+    config = RouterConfig(block_size=B, stale_after_s=5.0, guess_ttl_s=0.0, metrics_factory=metrics_factory)
+    router_config = make_request_router_config(config, STATS_PERIOD_S)
+    app_name = "router_test"
+    serve.start(proxy_location="Disabled")
+    try:
+        handle = serve.run(
+            PrefixRecorder.options(request_router_config=router_config).bind(),
+            name=app_name,
+            route_prefix=None,
+        )
+        # A burst: six prompts at once, each held 1 s, so load (not reports) decides the spread.
+        responses = [_send(handle, p, f"p{i}", sleep_s=1.0) for i, p in enumerate(PROMPTS)]
+        holders = [r.result(timeout_s=30) for r in responses]
+        assert sorted(Counter(holders).values()) == [2, 2, 2]
+        # Ties go by rendezvous on the shared first block: without reports every follow-up would go
+        # to that one replica, which holds only two of the six prefixes.
+        tie_first = min(set(holders), key=lambda r: rendezvous_key(block_hashes(SYSTEM, B)[0], r))
+        assert sum(h != tie_first for h in holders) == 4
+
+        assert _until_equal(lambda: _route_follow_ups(handle), holders, timeout_s=20.0) == holders
+        other = ray.remote(num_cpus=0)(OtherGateway).remote(app_name)
+        route_other = lambda: ray.get(other.route_follow_ups.remote(), timeout=60)  # noqa: E731
+        assert _until_equal(route_other, holders, timeout_s=20.0) == holders
+        decisions, hits, prompts = (_total(f"ray_mimo_router_{m}_total") for m in METRICS)
+        num_prefix = _total("ray_mimo_router_decisions_total", reason="prefix")
+        assert _route_follow_ups(handle) == holders  # both routers agree at the end
+        # The driver's router recorded this last pass: 6 prefix decisions, 3 cached blocks each.
+        assert _total("ray_mimo_router_decisions_total", reason="prefix") - num_prefix == 6
+        assert [_total(f"ray_mimo_router_{m}_total") for m in METRICS] == [
+            decisions + 6,
+            hits + 6 * 3 * B,
+            prompts + 6 * len(FOLLOW_UPS[0]),
+        ]
+    finally:
+        serve.shutdown()
