@@ -172,11 +172,13 @@ def test_load_step_scales_attention_up_and_back_and_dashboards_have_data(
     assert outcomes and all(o == "length" for o in outcomes), outcomes  # no request lost or cut
 
     client = openai.OpenAI(base_url=cluster_url, api_key="sk-burst", max_retries=0, timeout=60)
-    with pytest.raises(openai.RateLimitError):
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "A story, please."}]
+    cached = []
+    with pytest.raises(openai.RateLimitError):  # 20 requests per minute per key
         for _ in range(25):
-            client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=1
-            )
+            reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+            cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+    assert cached[0] == 0 and min(cached[1:]) > 0, cached  # the idle cluster reuses the prefix
 
     decisions = {}
     deadline = time.monotonic() + 60
