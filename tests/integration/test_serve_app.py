@@ -15,8 +15,8 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.app import APP_NAME, build_application, wait_ready
 from cluster.cli import main as mimo_main
+from cluster.deploy import deploy, wait_running
 from cluster.local_server import free_port
 from cluster.spec import ClusterSpec
 
@@ -32,12 +32,11 @@ def app_url(ray_cluster: object) -> Iterator[str]:
             "engine": {"kv_cache_mib": 48, "max_model_len": 1024},
             "attention": {"num_replicas": 2, "num_cpus": 0.5},
             "experts": {"num_shards": 2, "num_cpus": 0.5},
-            "gateway": {"port": port},
+            "gateway": {"port": port, "proxy_location": "HeadOnly"},  # two raylets share this host
+            "autoscaling": {"enabled": False},
         }
     )
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_application(spec), name=APP_NAME, route_prefix="/", blocking=False)
-    wait_ready()
+    deploy(spec)
     yield f"http://127.0.0.1:{port}/v1"
     serve.shutdown()
 
@@ -133,7 +132,7 @@ def test_killed_attention_replica_fails_only_its_requests_retriably(client: open
     assert len(results) == 6, results
     assert "done" in results  # the other replica kept serving
     assert all(r == "done" or r.startswith(("status 503", "error")) for r in results), results
-    wait_ready()
+    wait_running()
     after = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
