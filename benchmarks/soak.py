@@ -1,0 +1,179 @@
+"""Soak: concurrent streaming clients with random cancellations against a running cluster.
+
+Every request must end one way or another: read to its finish reason, or cancelled by the client
+on purpose; anything else (an error, a stream cut without a finish reason) is a lost request.
+`python -m benchmarks.soak` starts a local cluster (the default spec), soaks it for --duration-s,
+checks KV usage returns to zero and attention-replica memory stays flat, and writes
+`benchmarks/results/soak.json`. tests/integration/test_soak.py runs the same code for 20 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import openai
+
+WORDS = ["river", "stone", "cloud", "lantern", "garden", "window", "engine", "paper", "violin", "harbor"]
+
+
+@dataclass
+class SoakResult:
+    duration_s: float
+    num_clients: int
+    completed: int = 0
+    cancelled: int = 0
+    lost: list[str] = field(default_factory=list)  # what happened to each lost request
+    output_tokens: int = 0
+
+
+def _client_loop(
+    url: str, seed: int, deadline: float, cancel_prob: float, result: SoakResult, lock: threading.Lock
+) -> None:
+    rng = random.Random(seed)
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    while time.monotonic() < deadline:
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60)))
+        cancel_after = rng.randint(1, 8) if rng.random() < cancel_prob else None
+        outcome, tokens = "cut", 0
+        try:
+            stream = client.chat.completions.create(
+                model="mimo-tiny",
+                messages=[{"role": "user", "content": f"Write about {words}."}],
+                max_tokens=rng.randint(4, 96),
+                temperature=rng.choice([0.0, 0.7]),
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            for n, chunk in enumerate(stream):
+                if cancel_after is not None and n >= cancel_after:
+                    stream.close()
+                    outcome = "cancelled"
+                    break
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+                if chunk.choices and chunk.choices[0].finish_reason in ("stop", "length"):
+                    outcome = "completed"
+        except openai.APIError as e:
+            outcome = f"error: {type(e).__name__}: {str(e)[:120]}"
+        with lock:
+            if outcome == "completed":
+                result.completed += 1
+                result.output_tokens += tokens
+            elif outcome == "cancelled":
+                result.cancelled += 1
+            else:
+                result.lost.append(outcome)
+
+
+def soak(
+    url: str, duration_s: float, num_clients: int = 8, cancel_prob: float = 0.3, seed: int = 0
+) -> SoakResult:
+    result, lock = SoakResult(duration_s, num_clients), threading.Lock()
+    deadline = time.monotonic() + duration_s
+    threads = [
+        threading.Thread(target=_client_loop, args=(url, seed + i, deadline, cancel_prob, result, lock))
+        for i in range(num_clients)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return result
+
+
+def node_metrics(ports: list[int]) -> dict[str, list[float]]:
+    """The mimo series of every node's Ray metrics port: name -> values (all label sets)."""
+    out: dict[str, list[float]] = {}
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.startswith("ray_mimo_"):
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                out.setdefault(name, []).append(float(line.rsplit(" ", 1)[1]))
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def attention_pids() -> list[int]:
+    import ray
+
+    pids = []
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if "Attention" in actor["name"] and "SERVE_REPLICA" in actor["name"]:
+            handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+            pids.append(int(ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))))
+    return sorted(pids)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration-s", type=float, default=600)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "soak.json")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray import serve
+
+    from cluster.deploy import deploy
+    from cluster.local_server import free_port
+    from cluster.spec import ClusterSpec
+
+    port = free_port()
+    spec = ClusterSpec.from_dict(
+        {
+            "gateway": {"port": port},
+            "autoscaling": {"enabled": False},
+            "engine": {"max_model_len": 1024, "kv_cache_mib": 64},
+        }
+    )
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _metrics_export_port=free_port(),
+    )
+    try:
+        deploy(spec)
+        url = f"http://127.0.0.1:{port}/v1"
+        ports = [n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]]
+        pids = attention_pids()
+        soak(url, 30, args.clients)  # warm-up: allocator and caches reach their working size
+        rss_start = {p: rss_bytes(p) for p in pids}
+        result = soak(url, args.duration_s, args.clients, seed=1000)
+        rss_end = {p: rss_bytes(p) for p in pids}
+        time.sleep(3)  # two metric report periods
+        metrics = node_metrics(ports)
+        record = {
+            **asdict(result),
+            "kv_usage_after": metrics.get("ray_mimo_kv_cache_usage_perc", []),
+            "running_after": metrics.get("ray_mimo_num_requests_running", []),
+            "rss_start_mib": {str(p): round(v / 2**20, 1) for p, v in rss_start.items()},
+            "rss_end_mib": {str(p): round(v / 2**20, 1) for p, v in rss_end.items()},
+        }
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps(record, indent=2))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
