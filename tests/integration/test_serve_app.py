@@ -19,20 +19,25 @@ from cluster.cli import main as mimo_main
 from cluster.deploy import deploy, wait_running
 from cluster.local_server import free_port
 from cluster.spec import ClusterSpec
+from training.tool_scenarios import TOOL_SCHEMAS
 
 pytestmark = pytest.mark.integration
 MODEL = "mimo-tiny"
+KEY = "sk-cluster-test"
+WEATHER = [TOOL_SCHEMAS["get_weather"]]
 
 
 @pytest.fixture(scope="module")
-def app_url(ray_cluster: object) -> Iterator[str]:
+def app_url(ray_cluster: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(f"{KEY}\n")
     spec = ClusterSpec.from_dict(
         {
             "engine": {"kv_cache_mib": 48, "max_model_len": 1024},
             "attention": {"num_replicas": 2, "num_cpus": 0.5},
             "experts": {"num_shards": 2, "num_cpus": 0.5},
-            "gateway": {"port": port, "proxy_location": "HeadOnly"},  # two raylets share this host
+            "gateway": {"port": port, "proxy_location": "HeadOnly", "api_keys_file": str(keys)},
             "autoscaling": {"enabled": False},
         }
     )
@@ -43,7 +48,7 @@ def app_url(ray_cluster: object) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def client(app_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=app_url, api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=app_url, api_key=KEY, max_retries=0, timeout=120)
 
 
 def test_greedy_through_the_cluster_equals_mimo_generate(
@@ -57,6 +62,57 @@ def test_greedy_through_the_cluster_equals_mimo_generate(
         model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=32, temperature=0
     )
     assert reply.choices[0].message.content == expected.strip()
+
+
+def test_tool_round_trip_and_thinking(client: openai.OpenAI) -> None:
+    """Catches tool calls or reasoning that work in process but not through Serve (chunk dicts, SSE)."""
+    messages: list[dict] = [{"role": "user", "content": "What's the weather in Paris?"}]
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=WEATHER, tool_choice="required", max_tokens=60, temperature=0
+    )
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    messages.append(first.choices[0].message.model_dump(exclude_none=True))
+    city = json.loads(call.function.arguments)["city"]
+    result = {"city": city, "temperature": 21, "unit": "celsius", "condition": "sunny"}
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)})
+    answer = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=WEATHER, max_tokens=60, temperature=0
+    )
+    assert answer.choices[0].finish_reason == "stop" and answer.choices[0].message.content
+    thought = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is 12 + 30?"}],
+        max_tokens=120,
+        temperature=0,
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+    )
+    assert (thought.choices[0].message.model_extra or {}).get("reasoning_content")
+
+
+def test_errors_and_auth_through_the_cluster(client: openai.OpenAI, app_url: str) -> None:
+    """Catches errors that turn into 500s or lose their parameter behind Serve's proxy, and a
+    gateway that serves without the configured key."""
+    import httpx2
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=app_url, api_key="sk-wrong", max_retries=0).models.list()
+    for body, param in [
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, "model"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 7}, "top_p"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 2000}]}, "messages"),
+    ]:
+        r = httpx2.post(
+            f"{app_url}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = httpx2.post(
+        f"{app_url}/chat/completions",
+        content=b"{oops",
+        timeout=60,
+        headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"},
+    )
+    assert r.status_code == 400
 
 
 def test_streaming_and_ready(client: openai.OpenAI, app_url: str) -> None:
