@@ -51,7 +51,7 @@ class EngineSpec(_Spec):
 
 class AttentionSpec(_Spec):
     num_replicas: int = Field(2, ge=1, description="attention replicas at start (data-parallel ranks)")
-    min_replicas: int = Field(1, ge=1, description="autoscaling lower bound")
+    min_replicas: int = Field(2, ge=1, description="autoscaling lower bound")
     max_replicas: int = Field(4, ge=1, description="autoscaling upper bound")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica")
