@@ -12,6 +12,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from cluster.attention_deployment import AttentionDeployment, engine_config
 from cluster.autoscaling_policy import attention_autoscaling_config
@@ -43,7 +44,8 @@ def required_cpus(spec: ClusterSpec) -> float:
     return spec.attention.max_replicas * spec.attention.num_cpus + num_shards * spec.experts.num_cpus
 
 
-def build_application(spec: ClusterSpec) -> Application:
+def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | None = None) -> Application:
+    """`request_router` replaces the router the spec describes (benchmarks plug peers' routers in)."""
     check_engine_fits(spec)
     data = spec.model_dump(mode="json")
     pool = None
@@ -63,7 +65,7 @@ def build_application(spec: ClusterSpec) -> Application:
         max_queued_requests=spec.engine.max_queued_requests,
         ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "runtime_env": ZERO_COPY},
         **scaling,
-        **_router_options(spec),
+        request_router_config=request_router or _router_config(spec),
     )(AttentionDeployment).bind(data, pool)
     gateway = serve.deployment(
         name="Gateway",
@@ -74,7 +76,7 @@ def build_application(spec: ClusterSpec) -> Application:
     return gateway
 
 
-def _router_options(spec: ClusterSpec) -> dict[str, Any]:
+def _router_config(spec: ClusterSpec) -> RequestRouterConfig:
     from router.policy import RouterConfig
     from router.serve_adapter import make_request_router_config
 
@@ -88,9 +90,7 @@ def _router_options(spec: ClusterSpec) -> dict[str, Any]:
         stale_after_s=r.stale_after_s,
         metrics_factory="cluster.metrics_ray:ray_metrics",  # the router loads it in its own process
     )
-    return {
-        "request_router_config": make_request_router_config(config, stats_period_s=ROUTING_STATS_PERIOD_S)
-    }
+    return make_request_router_config(config, stats_period_s=ROUTING_STATS_PERIOD_S)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

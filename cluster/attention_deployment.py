@@ -66,7 +66,7 @@ class AttentionDeployment:
         self.transport: TimedTransport | None = None
         self.placement_version = 0
         if pool is not None:
-            actors, placement, num_experts, self.placement_version = await pool.actors.remote()
+            actors, placement, num_experts, self.placement_version = await pool.current.remote()
             self.transport = TimedTransport(RayTransport(actors))
             self.dispatcher = ExpertDispatcher(self.transport, placement, num_experts)
             engine.runner.paged.dispatcher = self.dispatcher
@@ -155,7 +155,12 @@ class AttentionDeployment:
         except Exception:  # the pool restarting: keep routing by the placement we have
             return
         if update is not None:
-            self.placement_version, placement = update
+            self.placement_version, placement, actors = update
+            assert self.transport is not None
+            old = self.transport.inner.actors  # type: ignore[attr-defined]
+            # grow the actor list before the table that uses new shards; ids past the new pool keep
+            # their old handles, which no new table references (a call in flight may still)
+            self.transport.inner.actors = list(actors) + old[len(actors) :]  # type: ignore[attr-defined]
             self.dispatcher.set_placement(placement)
 
     def check_health(self) -> None:

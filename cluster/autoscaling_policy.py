@@ -24,9 +24,9 @@ How the composition root (cluster/app.py, the Serve config) plugs it in:
    `ray.serve._private.api.serve_start(...).deploy_apps(config)` (what `serve deploy` does);
    `serve.run(app)` ignores application-level policies.
 
-The expert pool is not a Serve deployment: its decision is kept in the attention deployment's
-policy state, exported as `mimo_autoscaling_target_replicas{pool="experts"}` and, when
-`expert_pool_actor` names a Ray actor, sent to it as `set_num_shards.remote(n, reason)`.
+The expert pool is not scaled here: its shards are Ray actors owned by the `ExpertPool` deployment,
+which measures their busy fraction itself and applies `cluster.autoscaling.decide_experts` with the
+same `ScalingConfig` (`scaling_config(spec)`), so it needs no metrics round trip or named actor.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from cluster.autoscaling import (
     PoolState,
     ScalingConfig,
     decide_attention,
-    decide_experts,
 )
 from cluster.metrics_source import (
     BackgroundPoller,
@@ -67,20 +66,12 @@ def scaling_config_from_dict(d: dict[str, Any]) -> ScalingConfig:
     )
 
 
-def policy_kwargs(
-    spec: ClusterSpec,
-    *,
-    prometheus_url: str | None = None,
-    min_shards: int | None = None,
-    max_shards: int | None = None,
-    expert_pool_actor: str | None = None,
-) -> dict[str, Any]:
-    """JSON-serialisable kwargs of MimoAutoscalingPolicy from the spec. The spec has no shard
-    bounds yet, so the pool stays at `experts.num_shards` unless min/max_shards are given."""
-    a = spec.autoscaling
-    scaling = ScalingConfig(
+def scaling_config(spec: ClusterSpec) -> ScalingConfig:
+    """The decision settings of both pools from the spec (shard bounds default to num_shards)."""
+    a, x = spec.autoscaling, spec.experts
+    return ScalingConfig(
         attention=PoolLimits(spec.attention.min_replicas, spec.attention.max_replicas),
-        experts=PoolLimits(min_shards or spec.experts.num_shards, max_shards or spec.experts.num_shards),
+        experts=PoolLimits(x.min_shards or x.num_shards, x.max_shards or x.num_shards),
         target_kv_usage=a.target_kv_usage,
         scale_down_kv_usage=a.scale_down_kv_usage,
         target_waiting_per_replica=a.target_waiting_per_replica,
@@ -91,12 +82,14 @@ def policy_kwargs(
         downscale_delay_s=a.downscale_delay_s,
         cooldown_s=a.cooldown_s,
     )
+
+
+def policy_kwargs(spec: ClusterSpec, *, prometheus_url: str | None = None) -> dict[str, Any]:
+    """JSON-serialisable kwargs of MimoAutoscalingPolicy from the spec."""
     return {
-        "scaling": asdict(scaling),
+        "scaling": asdict(scaling_config(spec)),
         "attention_deployment": ATTENTION_DEPLOYMENT,
-        "num_shards": spec.experts.num_shards,
         "prometheus_url": prometheus_url,
-        "expert_pool_actor": expert_pool_actor,
     }
 
 
@@ -122,16 +115,12 @@ class MimoAutoscalingPolicy:
         *,
         scaling: dict[str, Any],
         attention_deployment: str = ATTENTION_DEPLOYMENT,
-        num_shards: int = 1,
         prometheus_url: str | None = None,
         poll_interval_s: float = 5.0,
-        expert_pool_actor: str | None = None,
         record_metrics: bool = True,
     ) -> None:
         self.config = scaling_config_from_dict(scaling)
         self.attention_deployment = attention_deployment
-        self.initial_num_shards = num_shards
-        self.expert_pool_actor = expert_pool_actor
         self.poller = (
             BackgroundPoller(PrometheusSource(prometheus_url).fetch, poll_interval_s)
             if prometheus_url
@@ -161,23 +150,9 @@ class MimoAutoscalingPolicy:
             attn = decide_attention(
                 snaps.attention, current, now, self.config, PoolState.from_dict(previous.get("attention"))
             )
-            num_shards = int(previous.get("num_shards", self.initial_num_shards))
-            experts = decide_experts(
-                snaps.experts, num_shards, now, self.config, PoolState.from_dict(previous.get("experts"))
-            )
             self._report("attention", current, attn)
-            self._report("experts", num_shards, experts)
-            if experts.target != num_shards:
-                self._resize_experts(experts)
             decisions[dep_id] = attn.target
-            states[dep_id] = {
-                "mimo": {
-                    "attention": attn.state.to_dict(),
-                    "experts": experts.state.to_dict(),
-                    "num_shards": experts.target,
-                    "last_reason": attn.reason,
-                }
-            }
+            states[dep_id] = {"mimo": {"attention": attn.state.to_dict(), "last_reason": attn.reason}}
         return decisions, states
 
     def _report(self, pool: str, previous: int, d: Decision) -> None:
@@ -189,13 +164,3 @@ class MimoAutoscalingPolicy:
             self.metrics = ray_metrics()
         if self.metrics is not None:
             self.metrics.autoscaled(pool=pool, target=d.target, previous=previous, reason=d.cause)
-
-    def _resize_experts(self, d: Decision) -> None:
-        if self.expert_pool_actor is None:
-            return
-        import ray
-
-        try:
-            ray.get_actor(self.expert_pool_actor).set_num_shards.remote(d.target, d.reason)
-        except ValueError:  # no such actor (yet): the decision stays in the state and metrics
-            logger.warning("mimo autoscaling: expert pool actor %r not found", self.expert_pool_actor)

@@ -1,9 +1,12 @@
 """The `ExpertPool` Serve deployment: owns the expert shard actors (a placement group spread over
 nodes; Ray restarts a dead shard and retries its call), measures their load (tokens per (layer,
-expert) and per shard, busy time, balancedness) and runs EPLB live: load the new placement beside
-traffic, publish it as a new version, wait until every live attention replica routes by it, then
-drop what moved away. Attention replicas call the shard actors directly (no Serve hop on the hot
-path) and `sync` with the pool once per report period, which is also their acknowledgement."""
+expert) and per shard, busy time, balancedness) and changes the pool live, with one protocol for
+EPLB and for autoscaling the number of shards: load the new placement beside traffic (new shards
+start with their experts), publish it as a new version, wait until every live attention replica
+routes by it, then drop what moved away (and shards no longer used). Attention replicas call the
+shard actors directly (no Serve hop on the hot path) and `sync` with the pool once per report
+period, which is also their acknowledgement. Shards added by autoscaling get a placement group of
+their own, so removing one frees its reservation; shards of the first group keep theirs."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from cluster.autoscaling import ExpertSnapshot, PoolState, decide_experts
+from cluster.autoscaling_policy import scaling_config
 from cluster.metrics_ray import ray_metrics
 from cluster.spec import ClusterSpec
 
@@ -41,27 +46,33 @@ class ExpertPoolDeployment:
             x.placement_strategy,
             self.spec.model.dtype,
         )
+        self.actors: list[Any] = list(self.pool.actors)
+        self.actors_before_switch: list[Any] = self.actors
+        self.added: dict[int, Any] = {}  # shard index -> its own one-shard ExpertPool
         self.metrics = ray_metrics()
         self.tracker = LoadTracker()
+        self.scaling = scaling_config(self.spec)
+        self.scale_state = PoolState()
+        self._change = asyncio.Lock()  # one placement change (EPLB or resize) at a time
         self.seen: dict[str, tuple[int, float]] = {}  # attention replica -> (version it routes by, when)
         self._stats_task: asyncio.Task[None] | None = None
         self._last_rebalance_s = time.monotonic()
 
-    async def actors(self) -> tuple[list[Any], Any, int, int]:
+    async def current(self) -> tuple[list[Any], Any, int, int]:
         """Shard actor handles, the current placement, the number of experts, its version."""
         self._start_stats()
-        return self.pool.actors, self.placement, self.num_experts, self.version
+        return self.actors, self.placement, self.num_experts, self.version
 
-    async def sync(self, replica_id: str, version: int) -> tuple[int, Any] | None:
+    async def sync(self, replica_id: str, version: int) -> tuple[int, Any, list[Any]] | None:
         """Called by each attention replica with the placement version it routes by; returns a newer
-        (version, placement) to switch to, or None."""
+        (version, placement, shard actors) to switch to, or None."""
         self.seen[replica_id] = (version, time.monotonic())
-        return None if version == self.version else (self.version, self.placement)
+        return None if version == self.version else (self.version, self.placement, self.actors)
 
     async def is_ready(self) -> bool:
         self._start_stats()
         try:
-            await asyncio.wait_for(asyncio.gather(*(a.pid.remote() for a in self.pool.actors)), timeout=5)
+            await asyncio.wait_for(asyncio.gather(*(a.pid.remote() for a in self.actors)), timeout=5)
             return True
         except Exception:  # a shard being restarted is not ready
             return False
@@ -77,55 +88,114 @@ class ExpertPoolDeployment:
         while True:
             await asyncio.sleep(STATS_PERIOD_S)
             try:
-                stats = await asyncio.gather(*(a.drain_stats.remote() for a in self.pool.actors))
+                stats = await asyncio.gather(*(a.drain_stats.remote() for a in self.actors))
             except Exception:  # a shard restarting: its counts since the last drain are lost, not the pool
                 continue
             now = time.monotonic()
             elapsed, last = now - last, now
             counts: dict[tuple[int, int], int] = defaultdict(int)
+            busy = []
             for shard, s in enumerate(stats):
                 shard_counts: dict[tuple[int, int], int] = s["token_counts"]
                 for key, n in shard_counts.items():
                     counts[key] += n
+                busy.append(min(1.0, float(s["compute_s"]) / elapsed))
                 self.metrics.shard_load(
-                    shard=shard,
-                    num_tokens=sum(shard_counts.values()),
-                    busy_ratio=min(1.0, float(s["compute_s"]) / elapsed),
+                    shard=shard, num_tokens=sum(shard_counts.values()), busy_ratio=busy[-1]
                 )
             self.metrics.expert_tokens(counts)
             self.tracker.update(counts)
             self.metrics.eplb(balancedness(self.placement, self.tracker.load))
+            await self._autoscale(sum(busy) / len(busy))
             interval = self.spec.experts.eplb_interval_s
             if interval > 0 and now - self._last_rebalance_s >= interval and self.tracker.load:
                 self._last_rebalance_s = now
                 await self._rebalance()
+
+    async def _autoscale(self, busy_ratio: float) -> None:
+        now = time.time()
+        current = len(self.actors)
+        decision = decide_experts(
+            ExpertSnapshot(now, busy_ratio), current, now, self.scaling, self.scale_state
+        )
+        self.scale_state = decision.state
+        self.metrics.autoscaled(
+            pool="experts", target=decision.target, previous=current, reason=decision.cause
+        )
+        if decision.target != current:
+            await self._resize(decision.target)
 
     async def _rebalance(self) -> None:
         from replicas.expert_placement import balancedness, rebalance
 
         load = dict(self.tracker.load)
         x = self.spec.experts
-        new = rebalance(load, self.moe_layers, self.num_experts, x.num_shards, x.num_redundant)
+        n = len(self.actors)
+        new = rebalance(
+            load, self.moe_layers, self.num_experts, n, min(x.num_redundant, self.num_experts * (n - 1))
+        )
         before, after = balancedness(self.placement, load), balancedness(new, load)
-        if after - before < x.eplb_min_gain:
-            return
-        keys = [new.experts_of_shard(s) for s in range(x.num_shards)]
-        await asyncio.gather(*(a.prepare.remote(k) for a, k in zip(self.pool.actors, keys, strict=True)))
-        self.placement, self.version = new, self.version + 1
-        deadline = time.monotonic() + SWITCH_TIMEOUT_S
-        while time.monotonic() < deadline and self._lagging():
-            await asyncio.sleep(0.2)
-        if self._lagging():  # keep old + new loaded: a lagging replica still finds its experts
-            return
-        await asyncio.sleep(FINALIZE_GRACE_S)
-        await asyncio.gather(*(a.finalize.remote(k) for a, k in zip(self.pool.actors, keys, strict=True)))
-        self.metrics.eplb(after, rebalanced=True)
+        if after - before >= x.eplb_min_gain and await self._switch(new, self.actors):
+            self.metrics.eplb(after, rebalanced=True)
+
+    async def _resize(self, n: int) -> None:
+        """Grows or shrinks the pool to `n` shards with a placement balanced for the measured load."""
+        from replicas.expert_placement import ExpertPlacement, initial_placement, rebalance
+        from replicas.expert_pool import ExpertPool, ShardResources
+
+        x, current = self.spec.experts, len(self.actors)
+        load = dict(self.tracker.load)
+        redundant = min(x.num_redundant, self.num_experts * (n - 1))
+        new = (
+            rebalance(load, self.moe_layers, self.num_experts, n, redundant)
+            if load
+            else initial_placement(self.moe_layers, self.num_experts, n)
+        )
+        actors = list(self.actors[:n])
+        for shard in range(current, n):  # new shards start holding their experts
+            one = ExpertPlacement(1, {key: (0,) for key in new.experts_of_shard(shard)})
+            pool = await asyncio.to_thread(
+                ExpertPool.start,
+                self.spec.model.path,
+                one,
+                ShardResources(x.num_cpus, x.num_gpus, x.threads),
+                x.placement_strategy,
+                self.spec.model.dtype,
+            )
+            self.added[shard] = pool
+            actors.extend(pool.actors)
+        if await self._switch(new, actors):
+            for shard in range(n, current):  # no longer in any live replica's table
+                pool = self.added.pop(shard, None)
+                if pool is not None:
+                    await asyncio.to_thread(pool.shutdown)
+                else:
+                    import ray
+
+                    ray.kill(self.actors_before_switch[shard])
+
+    async def _switch(self, new: Any, actors: list[Any]) -> bool:
+        """Loads `new` on `actors` beside traffic, publishes it, waits for every live attention
+        replica to route by it, then drops what moved away. False (nothing dropped) on a timeout."""
+        async with self._change:
+            keys = [new.experts_of_shard(s) for s in range(new.num_shards)]
+            await asyncio.gather(*(a.prepare.remote(k) for a, k in zip(actors, keys, strict=True)))
+            self.actors_before_switch = self.actors
+            self.placement, self.actors, self.version = new, actors, self.version + 1
+            deadline = time.monotonic() + SWITCH_TIMEOUT_S
+            while time.monotonic() < deadline and self._lagging():
+                await asyncio.sleep(0.2)
+            if self._lagging():  # keep old + new loaded: a lagging replica still finds its experts
+                return False
+            await asyncio.sleep(FINALIZE_GRACE_S)
+            await asyncio.gather(*(a.finalize.remote(k) for a, k in zip(actors, keys, strict=True)))
+            return True
 
     def _lagging(self) -> bool:
         now = time.monotonic()
         return any(v != self.version and now - t < LIVE_REPLICA_S for v, t in self.seen.values())
 
     def __del__(self) -> None:
-        pool = getattr(self, "pool", None)
-        if pool is not None:
-            pool.shutdown()
+        for pool in [getattr(self, "pool", None), *getattr(self, "added", {}).values()]:
+            if pool is not None:
+                pool.shutdown()

@@ -76,6 +76,8 @@ class ExpertsSpec(_Spec):
     placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD"] = Field(
         "SPREAD", description="placement group strategy for the shards over nodes"
     )
+    min_shards: int | None = Field(None, ge=1, description="autoscaling lower bound (default num_shards)")
+    max_shards: int | None = Field(None, ge=1, description="autoscaling upper bound (default num_shards)")
     eplb_interval_s: float = Field(
         60.0, ge=0, description="how often the expert load balancer may move experts (0 = never)"
     )

@@ -73,7 +73,6 @@ def test_policy_scales_attention_through_serves_wrapper() -> None:
         history.append(target)
     assert history == [1, 1, 2, 2, 2, 2]
     assert states[GATEWAY]["keep"] == 1
-    assert states[ATTN]["mimo"]["num_shards"] == SPEC.experts.num_shards
     exposition = backend.exposition()
     assert (
         'ray_mimo_autoscaling_decisions_total{direction="up",pool="attention",reason="kv"} 1.0' in exposition

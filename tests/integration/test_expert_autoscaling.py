@@ -1,0 +1,92 @@
+"""The expert pool scales on its own measured load: 1 -> 2 shards under traffic and back to 1 when
+idle, each step a live placement switch, with greedy outputs unchanged before, during and after."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import openai
+import pytest
+from ray import serve
+
+from cluster.deploy import deploy
+from cluster.gateway_deployment import APP_NAME
+from cluster.local_server import free_port
+from cluster.spec import ClusterSpec
+
+pytestmark = pytest.mark.integration
+MODEL = "mimo-tiny"
+PROMPT = [{"role": "user", "content": "What is the weather in Oslo?"}]
+
+
+@pytest.fixture(scope="module")
+def cluster_url(ray_cluster: object) -> Iterator[str]:
+    port = free_port()
+    spec = ClusterSpec.from_dict(
+        {
+            "engine": {"kv_cache_mib": 48, "max_model_len": 1024},
+            "attention": {"num_replicas": 1, "min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
+            "experts": {
+                "num_shards": 1,
+                "min_shards": 1,
+                "max_shards": 2,
+                "num_cpus": 0.5,
+                "eplb_interval_s": 0,
+            },
+            "gateway": {"port": port, "proxy_location": "HeadOnly"},
+            # any measurable expert work counts as load here, so the step up is certain
+            "autoscaling": {
+                "expert_target_load": 0.02,
+                "upscale_delay_s": 2,
+                "downscale_delay_s": 6,
+                "cooldown_s": 4,
+            },
+        }
+    )
+    deploy(spec)
+    yield f"http://127.0.0.1:{port}/v1"
+    serve.shutdown()
+
+
+def _num_shards() -> int:
+    pool = serve.get_deployment_handle("ExpertPool", APP_NAME)
+    actors, _, _, _ = pool.current.remote().result(timeout_s=30)
+    return len(actors)
+
+
+def test_pool_grows_under_load_and_shrinks_when_idle(cluster_url: str) -> None:
+    """Catches a pool that never resizes, loses requests while switching, or changes outputs."""
+    client = openai.OpenAI(base_url=cluster_url, api_key="unused", max_retries=0, timeout=120)
+
+    def greedy() -> str:
+        reply = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=24, temperature=0)
+        return reply.choices[0].message.content or ""
+
+    expected = greedy()
+    assert _num_shards() == 1
+    stop, outcomes = threading.Event(), []
+
+    def load() -> None:
+        while not stop.is_set():
+            outcomes.append(greedy())
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _num_shards() < 2:
+        time.sleep(1)
+    grown = _num_shards()
+    time.sleep(3)  # traffic over the new placement
+    stop.set()
+    for t in threads:
+        t.join(timeout=120)
+    assert grown == 2
+    assert outcomes and all(o == expected for o in outcomes)  # every request, across the switch
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _num_shards() > 1:
+        time.sleep(1)
+    assert _num_shards() == 1
+    assert greedy() == expected
