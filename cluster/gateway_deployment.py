@@ -4,6 +4,7 @@ from the spec, calling the Attention deployment through a handle routed by the p
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from ray import serve
@@ -33,7 +34,7 @@ class GatewayDeployment:
         self.pool = pool
 
     async def _is_ready(self) -> bool:
-        status = serve.status().applications.get(APP_NAME)
+        status = (await asyncio.to_thread(serve.status)).applications.get(APP_NAME)  # serve.status blocks
         if status is None or any(d.status != "HEALTHY" for d in status.deployments.values()):
             return False
         return True if self.pool is None else bool(await self.pool.is_ready.remote())
