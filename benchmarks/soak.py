@@ -102,6 +102,20 @@ def node_metrics(ports: list[int]) -> dict[str, list[float]]:
     return out
 
 
+def settled_metrics(ports: list[int], timeout_s: float = 60.0) -> dict[str, list[float]]:
+    """Node metrics once running requests and KV usage read zero, or after `timeout_s` (Ray's agent
+    exports every few seconds, so the first reads after a load can still show it)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        metrics = node_metrics(ports)
+        busy = metrics.get("ray_mimo_num_requests_running", [1.0]) + metrics.get(
+            "ray_mimo_kv_cache_usage_perc", [1.0]
+        )
+        if max(busy) == 0.0 or time.monotonic() > deadline:
+            return metrics
+        time.sleep(1)
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -159,8 +173,7 @@ def main() -> None:
         rss_start = {p: rss_bytes(p) for p in pids}
         result = soak(url, args.duration_s, args.clients, seed=1000)
         rss_end = {p: rss_bytes(p) for p in pids}
-        time.sleep(3)  # two metric report periods
-        metrics = node_metrics(ports)
+        metrics = settled_metrics(ports)
         record = {
             **asdict(result),
             "kv_usage_after": metrics.get("ray_mimo_kv_cache_usage_perc", []),

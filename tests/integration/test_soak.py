@@ -5,14 +5,13 @@ The default run soaks 20 s; `-m slow` runs the issue's 10 minutes."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 
 import pytest
 import ray
 from ray import serve
 
-from benchmarks.soak import attention_pids, node_metrics, rss_bytes, soak
+from benchmarks.soak import attention_pids, rss_bytes, settled_metrics, soak
 from cluster.deploy import deploy
 from cluster.local_server import free_port
 from cluster.spec import ClusterSpec
@@ -47,13 +46,8 @@ def _check(url: str, duration_s: float) -> None:
     after = {p: rss_bytes(p) for p in pids}
     assert result.lost == [], result.lost
     assert result.completed > 0 and result.cancelled > 0
-    deadline = time.monotonic() + 30
-    while True:
-        metrics = node_metrics(ports)
-        kv, running = metrics["ray_mimo_kv_cache_usage_perc"], metrics["ray_mimo_num_requests_running"]
-        if (max(kv) == 0.0 and max(running) == 0.0) or time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    metrics = settled_metrics(ports)
+    kv, running = metrics["ray_mimo_kv_cache_usage_perc"], metrics["ray_mimo_num_requests_running"]
     assert len(kv) == 4 and max(kv) == 0.0, kv  # 2 replicas x 2 layer types, every block freed
     assert max(running) == 0.0
     for pid in pids:  # flat: no growth beyond allocator noise
