@@ -171,7 +171,17 @@ def main() -> None:
         pids = attention_pids()
         soak(url, 30, args.clients)  # warm-up: allocator and caches reach their working size
         rss_start = {p: rss_bytes(p) for p in pids}
+        series: list[list[float]] = []  # RSS MiB per replica, every 30 s: flat, or still climbing?
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.wait(30):
+                series.append([round(rss_bytes(p) / 2**20, 1) for p in pids])
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         result = soak(url, args.duration_s, args.clients, seed=1000)
+        done.set()
         rss_end = {p: rss_bytes(p) for p in pids}
         metrics = settled_metrics(ports)
         record = {
@@ -180,6 +190,7 @@ def main() -> None:
             "running_after": metrics.get("ray_mimo_num_requests_running", []),
             "rss_start_mib": {str(p): round(v / 2**20, 1) for p, v in rss_start.items()},
             "rss_end_mib": {str(p): round(v / 2**20, 1) for p, v in rss_end.items()},
+            "rss_every_30s_mib": series,
         }
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         print(json.dumps(record, indent=2))
