@@ -75,7 +75,7 @@ def prompts(batch: int, length: int, tokenizer: Tokenizer) -> list[list[int]]:
     import textwrap
 
     sources = [
-        Path(m.__file__).read_text() for m in (json_module, textwrap, statistics, argparse, subprocess)
+        Path(str(m.__file__)).read_text() for m in (json_module, textwrap, statistics, argparse, subprocess)
     ]
     ids = [t for src in sources for t in tokenizer.encode(src)]
     stride = max(length, (len(ids) - length) // max(1, batch))
@@ -199,6 +199,8 @@ def main() -> None:
             "input_len": args.input_len, "output_len": args.output_len, "runs": args.runs,
             "greedy": True, "ignore_eos": True, "threads": torch.get_num_threads(),
             "dtypes": {"ours": "float32", "transformers": "bfloat16", "vllm": "bfloat16"},
+            # the machine is shared: 1/5/15-minute load averages at start and end say how quiet it was
+            "load_avg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
         },
         "vllm_skipped": vllm_skip,
         "models": {},
@@ -242,6 +244,7 @@ def main() -> None:
             table[str(b)] = row
             print(label, b, json.dumps(row["ratios"]), flush=True)
         results["models"][label] = table
+    results["setup"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,10 +1,14 @@
-"""Expert dispatch cost per MoE layer and decode throughput: in-process vs Ray vs collective (gloo).
+"""Expert dispatch cost per MoE layer and decode throughput: in-process vs Ray vs collective (gloo),
+with ping-pong micro-batches off and on.
 
 A random checkpoint with the tiny model's MoE shape (hidden 256, 16 experts top-4, width 96) is
 written once; for 1, 2 and 4 shards each transport runs one MoE layer on 8 decode rows (median µs
-over many calls; overhead = that minus the in-process time) and an engine decodes 8 sequences x 32
-tokens through it. Ray shards live on a local Ray instance, collective shards in spawned processes
-joined by a gloo group on 127.0.0.1. Writes benchmarks/results/expert_dispatch.json.
+over many calls; overhead = that minus the in-process time) and an engine decodes 8 and 32
+sequences x 32 tokens through it, ping-pong off and on. Every figure is the median of --repeats
+runs. Ray shards live on a local Ray instance, collective shards in spawned processes joined by a
+gloo group on 127.0.0.1; shards use 1 torch thread, the caller 2, and OpenMP threads sleep instead
+of spinning when idle (OMP_WAIT_POLICY=PASSIVE: on 2 shared cores a spinning caller thread starves
+the shard it waits for). Writes benchmarks/results/expert_dispatch.json with the load average.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] = "1"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once when torch loads OpenMP
 
 import torch
 
@@ -75,17 +80,33 @@ def layer_us(dispatcher: ExpertDispatcher, moe: MoE, rows: int, iters: int) -> f
     return statistics.median(times) * 1e6
 
 
-def decode_tok_s(dispatcher: ExpertDispatcher | None) -> float:
+def decode_tok_s(dispatcher: ExpertDispatcher | None, num_seqs: int = 8) -> float:
     model = load_model(CKPT, experts="all" if dispatcher is None else "none")
     engine = Engine(
         model, Tokenizer.from_dir(TINY), EngineConfig(max_model_len=512, kv_cache_bytes=64 * 2**20)
     )
     engine.runner.paged.dispatcher = dispatcher
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    requests = [GenerateRequest(f"r{i}", list(range(10 + i, 42 + i)), params) for i in range(8)]
+    requests = [GenerateRequest(f"r{i}", list(range(10 + i, 42 + i)), params) for i in range(num_seqs)]
     start = time.perf_counter()
     out = engine.generate(requests)
     return sum(len(c.token_ids) for chunks in out.values() for c in chunks) / (time.perf_counter() - start)
+
+
+def measure(transport: ExpertTransport, placement: Any, moe: MoE, iters: int, repeats: int) -> dict[str, Any]:
+    """Median over `repeats` of: µs per 8-row layer call, and decode tok/s per (sequences, ping-pong)."""
+    runs: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        dispatcher = ExpertDispatcher(transport, placement, 16)
+        runs.setdefault("layer_us", []).append(layer_us(dispatcher, moe, 8, iters))
+        for num_seqs in (8, 32):
+            for ping_pong in (False, True):
+                d = ExpertDispatcher(transport, placement, 16, ping_pong=ping_pong)
+                key = f"decode_tok_s_{num_seqs}seq_pingpong_{'on' if ping_pong else 'off'}"
+                runs.setdefault(key, []).append(decode_tok_s(d, num_seqs))
+    out: dict[str, Any] = {key: statistics.median(values) for key, values in runs.items()}
+    out["ping_pong_default"] = ExpertDispatcher(transport, placement, 16).ping_pong
+    return out
 
 
 def _shard_main(path: str, keys: list[ExpertKey], rank: int, world: int, port: int, hidden: int) -> None:
@@ -101,7 +122,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_transport(kind: str, num_shards: int, moe: MoE, hidden: int, iters: int) -> dict[str, Any]:
+def run_transport(
+    kind: str, num_shards: int, moe: MoE, hidden: int, iters: int, repeats: int
+) -> dict[str, Any]:
     placement = initial_placement(MOE_LAYERS, 16, num_shards)
     cleanup = None
     transport: ExpertTransport
@@ -133,8 +156,7 @@ def run_transport(kind: str, num_shards: int, moe: MoE, hidden: int, iters: int)
                 p.join(timeout=30)
 
     try:
-        dispatcher = ExpertDispatcher(transport, placement, 16)
-        return {"layer_us": layer_us(dispatcher, moe, 8, iters), "decode_tok_s": decode_tok_s(dispatcher)}
+        return measure(transport, placement, moe, iters, repeats)
     finally:
         if cleanup is not None:
             cleanup()
@@ -143,6 +165,8 @@ def run_transport(kind: str, num_shards: int, moe: MoE, hidden: int, iters: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iters", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "expert_dispatch.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -156,13 +180,16 @@ def main() -> None:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     results: dict[str, Any] = {
         "rows_per_layer_call": 8,
-        "decode": "8 sequences x 32 tokens",
-        "ping_pong": "not implemented yet",
+        "decode": "8 or 32 sequences x 32 new tokens after 32-token prompts, ping-pong off/on",
+        "repeats": args.repeats,
+        "threads": "caller 2, each shard 1; OMP_WAIT_POLICY=" + os.environ["OMP_WAIT_POLICY"],
+        "load_avg_1m_before": os.getloadavg()[0],
+        "contention": "2 cores shared with other engineers' jobs; load_avg_* are the 1-minute averages",
     }
     try:
-        for shards in (1, 2, 4):
+        for shards in args.shards:
             row = {
-                kind: run_transport(kind, shards, moe, config.hidden_size, args.iters)
+                kind: run_transport(kind, shards, moe, config.hidden_size, args.iters, args.repeats)
                 for kind in ("in_process", "ray", "collective")
             }
             base = row["in_process"]["layer_us"]
@@ -174,6 +201,7 @@ def main() -> None:
     finally:
         ray.shutdown()
     results["in_model_decode_tok_s"] = decode_tok_s(None)
+    results["load_avg_1m_after"] = os.getloadavg()[0]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -155,13 +155,16 @@ class AttentionDeployment:
         except Exception:  # the pool restarting: keep routing by the placement we have
             return
         if update is not None:
-            self.placement_version, placement, actors = update
+            version, placement, actors = update
             assert self.transport is not None
             old = self.transport.inner.actors  # type: ignore[attr-defined]
             # grow the actor list before the table that uses new shards; ids past the new pool keep
             # their old handles, which no new table references (a call in flight may still)
             self.transport.inner.actors = list(actors) + old[len(actors) :]  # type: ignore[attr-defined]
             self.dispatcher.set_placement(placement)
+            # acknowledge (next sync) only once no call routed by the old table is in flight
+            if await asyncio.to_thread(self.dispatcher.wait_for_old_calls):
+                self.placement_version = version
 
     def check_health(self) -> None:
         if not self.engine.is_alive():

@@ -45,13 +45,15 @@ class Router(nn.Module):
         self.scaling = config.routed_scaling_factor
 
     def forward(self, x: torch.Tensor) -> Routing:
-        # x [N, H] -> Routing over N tokens
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
-        ids = torch.topk(scores + self.e_score_correction_bias.float(), self.top_k, dim=-1).indices
+        # x [N, H] -> Routing over N tokens; casts and a scaling of 1 are skipped (each is an op, and
+        # the decode step is bound by op count), which changes no value
+        w, bias = self.weight, self.e_score_correction_bias
+        scores = torch.sigmoid(F.linear(_fp32(x), _fp32(w)))
+        ids = torch.topk(scores + _fp32(bias), self.top_k, dim=-1).indices
         weights = scores.gather(1, ids)
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(ids, weights * self.scaling)
+        return Routing(ids, weights if self.scaling == 1.0 else weights * self.scaling)
 
 
 class Experts(nn.Module):
@@ -101,11 +103,14 @@ class Experts(nn.Module):
         return F.silu(gate) * up
 
     def _single_token(self, x: torch.Tensor, local: list[int], weights: list[float]) -> torch.Tensor:
-        """Decode of one token: a plain loop over its few experts, no index bookkeeping."""
+        """Decode of one token: a plain loop over its few experts, no index bookkeeping (it reads only
+        the chosen experts' weights, which at one token costs more than the ops)."""
         out = torch.zeros_like(x)
         for e, w in zip(local, weights, strict=True):
             if e >= 0:
-                out = out + w * (self._swiglu(x @ self.gate_up_proj[e].T) @ self.down_proj[e].T)
+                out.add_(
+                    F.linear(self._swiglu(F.linear(x, self.gate_up_proj[e])), self.down_proj[e]), alpha=w
+                )
         return out
 
     def _padded(
@@ -142,3 +147,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         return self.experts(flat, self.gate(flat)).view_as(x)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()

@@ -11,6 +11,7 @@ the in-process result.
 from __future__ import annotations
 
 import abc
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,10 @@ class ShardMessage:
 
 class ExpertTransport(abc.ABC):
     """Moves one MoE layer's messages to shards and their partial outputs back."""
+
+    # True when `send` returns before the shards finish (they run elsewhere), so the caller can
+    # overlap other work (ping-pong micro-batches) with the experts' compute.
+    is_async: bool = False
 
     @abc.abstractmethod
     def send(self, layer: int, messages: list[ShardMessage]) -> object:
@@ -61,22 +66,54 @@ class Pending:
     handle: object
     messages: list[ShardMessage]
     num_rows: int
+    generation: int = 0  # the placement table's generation the call was routed by
 
 
 class ExpertDispatcher:
-    def __init__(self, transport: ExpertTransport, placement: ExpertPlacement, num_experts: int) -> None:
+    def __init__(
+        self,
+        transport: ExpertTransport,
+        placement: ExpertPlacement,
+        num_experts: int,
+        ping_pong: bool = False,  # see `use_ping_pong`
+    ) -> None:
         self.transport = transport
         self.num_experts = num_experts
+        self.ping_pong = ping_pong
         self.placement = placement
         self._tables = layer_tables(placement, num_experts)
+        self._generation = 0  # bumped by every switch
+        self._in_flight: dict[int, int] = {}  # generation -> layer calls submitted, not yet collected
+        self._idle = threading.Condition()
+
+    def use_ping_pong(self, num_seqs: int) -> bool:
+        """Split a step into two micro-batches (MegaScale-Infer ping-pong)? Needs two sequences.
+        Off unless asked for: on 2-core hosts the shards share the caller's cores, so there is
+        nothing to overlap onto, and the second message per shard per layer made decode 0.5-0.9x
+        as fast (benchmarks/results/expert_dispatch.json). Turn it on where shards have their own
+        cores or GPUs."""
+        return self.ping_pong and num_seqs >= 2
 
     def set_placement(self, placement: ExpertPlacement) -> None:
-        """Atomic switch: later calls route by the new table; the shards must already hold it."""
+        """Atomic switch: later calls route by the new table; the shards must already hold it.
+        Calls already submitted finish by the old one: `wait_for_old_calls` before dropping it."""
         tables = layer_tables(placement, self.num_experts)
-        self.placement, self._tables = placement, tables
+        with self._idle:
+            self.placement, self._tables = placement, tables
+            self._generation += 1
+
+    def wait_for_old_calls(self, timeout_s: float = 30.0) -> bool:
+        """Blocks until no layer call routed by a table older than the current one is in flight
+        (then the shards may drop experts the old table used); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(
+                lambda: not any(n for g, n in self._in_flight.items() if g < self._generation), timeout_s
+            )
 
     def messages(self, layer: int, x: torch.Tensor, routing: Routing) -> list[ShardMessage]:
-        table = self._tables[layer]  # read once: a concurrent switch never splits a call
+        return self._messages(self._tables[layer], x, routing)
+
+    def _messages(self, table: _LayerTable, x: torch.Tensor, routing: Routing) -> list[ShardMessage]:
         ids = routing.expert_ids  # [N, k]
         flat = ids.reshape(-1).cpu()
         order = torch.argsort(flat, stable=True)
@@ -95,14 +132,32 @@ class ExpertDispatcher:
         return out
 
     def submit(self, layer: int, x: torch.Tensor, routing: Routing) -> Pending:
-        messages = self.messages(layer, x, routing)
-        return Pending(self.transport.send(layer, messages), messages, x.shape[0])
+        with self._idle:  # the table and its generation are read together: a switch never splits them
+            generation, table = self._generation, self._tables[layer]
+            self._in_flight[generation] = self._in_flight.get(generation, 0) + 1
+        try:
+            messages = self._messages(table, x, routing)
+            handle = self.transport.send(layer, messages)
+        except BaseException:
+            self._done(generation)
+            raise
+        return Pending(handle, messages, x.shape[0], generation)
 
     def collect(self, pending: Pending, like: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(like)
-        for message, partial in zip(pending.messages, self.transport.wait(pending.handle), strict=True):
-            out.index_add_(0, message.rows, partial.to(out.dtype))
-        return out
+        try:
+            out = torch.zeros_like(like)
+            for message, partial in zip(pending.messages, self.transport.wait(pending.handle), strict=True):
+                out.index_add_(0, message.rows, partial.to(out.dtype))
+            return out
+        finally:
+            self._done(pending.generation)
+
+    def _done(self, generation: int) -> None:
+        with self._idle:
+            self._in_flight[generation] -= 1
+            if not self._in_flight[generation]:
+                del self._in_flight[generation]
+            self._idle.notify_all()
 
     def run(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         return self.collect(self.submit(layer, x, routing), x)

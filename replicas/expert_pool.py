@@ -3,16 +3,22 @@
 Each actor loads only its (layer, expert) weights. Actors restart when their process dies
 (`max_restarts`) and Ray retries the in-flight `compute` call on the restarted actor
 (`max_task_retries`), so a killed shard costs a step's latency, never a request. `RayTransport`
-fans one message per shard out as async actor calls with zero-copy tensors.
+fans one message per shard out as async actor calls, each carrying one packed fp32 numpy array
+(`wire.py`): numpy crosses the object store zero-copy and serializes ~30% faster than three torch
+tensors. Ray compiled graphs (`experimental_compile`) would cut a call to ~1/3, but an actor runs
+one compiled graph at a time, only its compiling process may call it and an actor death shuts the
+graph down: no M-to-N sharing, no EPLB calls beside it, no restart-and-retry. They are not used.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -21,6 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from replicas.dispatch import ExpertDispatcher, ExpertTransport, ShardMessage
 from replicas.expert_placement import ExpertKey, ExpertPlacement
 from replicas.expert_shard import ExpertShard
+from replicas.wire import pack, unpack
 
 # Ray ships torch tensors through its object store without a pickle copy when this is set.
 ZERO_COPY_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}
@@ -34,15 +41,29 @@ class ExpertShardActor:
         self.path = path
         self.dtype = getattr(torch, dtype)
         self.shard = ExpertShard.load(path, keys, self.dtype)
+        # calls from several attention replicas (or two ping-pong micro-batches) arrive on the
+        # actor's threads: one compute at a time keeps the shard's load counters exact
+        self.lock = threading.Lock()
 
     def compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.shard.compute(layer, x, ids, weights)
+        with self.lock:
+            return self.shard.compute(layer, x, ids, weights)
+
+    def compute_packed(self, layer: int, payload: np.ndarray) -> np.ndarray:
+        """payload [R, H + 2k] fp32 (`wire.pack`) -> partial output [R, H] fp32."""
+        body = torch.from_numpy(payload if payload.flags.writeable else payload.copy())
+        x, ids, weights = unpack(body, self.shard.config.hidden_size)
+        with self.lock:
+            out = self.shard.compute(layer, x, ids, weights)
+        result: np.ndarray = out.float().numpy()
+        return result
 
     def keys(self) -> list[ExpertKey]:
         return self.shard.keys
 
     def drain_stats(self) -> dict[str, object]:
-        return self.shard.drain_stats()
+        with self.lock:
+            return self.shard.drain_stats()
 
     def prepare(self, keys: list[ExpertKey]) -> int:
         """EPLB step 1, beside live traffic: load the experts of the new placement that are not held
@@ -115,6 +136,9 @@ class ExpertPool:
         loaded = sum(ray.get([a.prepare.remote(k) for a, k in zip(self.actors, keys, strict=True)]))
         for dispatcher in dispatchers:
             dispatcher.set_placement(placement)
+        for dispatcher in dispatchers:  # calls routed by the old table still need its experts
+            if not dispatcher.wait_for_old_calls():
+                raise TimeoutError("a dispatcher kept a call on the old placement for 30 s")
         ray.get([a.finalize.remote(k) for a, k in zip(self.actors, keys, strict=True)])
         return int(loaded)
 
@@ -128,13 +152,19 @@ class ExpertPool:
 
 
 class RayTransport(ExpertTransport):
+    is_async = True  # actor calls return futures; shards compute while the caller runs on
+
     def __init__(self, actors: list[Any]) -> None:
         self.actors = actors
 
     def send(self, layer: int, messages: list[ShardMessage]) -> object:
-        return [self.actors[m.shard].compute.remote(layer, m.x, m.expert_ids, m.weights) for m in messages]
+        return [
+            self.actors[m.shard].compute_packed.remote(layer, pack(m.x, m.expert_ids, m.weights).numpy())
+            for m in messages
+        ]
 
     def wait(self, handle: object) -> list[torch.Tensor]:
         assert isinstance(handle, list)
-        results: list[torch.Tensor] = ray.get(handle)
-        return results
+        arrays: list[np.ndarray] = ray.get(handle)
+        # results come back as read-only views of the object store: copy (small) before torch uses them
+        return [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]

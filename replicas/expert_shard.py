@@ -83,7 +83,7 @@ class ExpertShard:
         """x [R, H], expert_ids/weights [R, k] -> weighted partial output [R, H] of this shard's pairs."""
         start = time.perf_counter()
         module = self.experts[layer]
-        out = module(x, Routing(expert_ids, weights))
+        out = module(x.to(module.gate_up_proj.dtype), Routing(expert_ids, weights))  # wire rows are fp32
         # NOT_HERE pairs carry id num_experts and fall in the dropped last bin
         counts = torch.bincount(expert_ids.flatten(), minlength=self.config.num_experts + 1)[:-1]
         counts = counts * (module.local_index[:-1] >= 0)  # only experts held here

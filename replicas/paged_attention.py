@@ -4,8 +4,12 @@ A step feeds each sequence a segment of tokens (a prefill chunk, one decode toke
 MTP drafts) at known positions. `AttentionBatch` is built once per step and per pool (GA or SWA):
 where each new token's K/V goes (flat slot = block * block_size + offset) and, per group of
 segments with the same query count, which slots to gather and the visibility mask (causal, and on
-SWA the window). Every layer of that type reuses it: write K/V, gather, one attention per group.
-Sinks add exp(s_h) to each query head's softmax denominator and carry no value.
+SWA the window). Every layer of that type reuses it: one write, one gather, three batched matmul
+ops per group. The decode step is bound by per-op overhead, so the layout is chosen to need few ops:
+K and V of a token sit side by side in one row per KV head (one write, one gather), the cache is
+head-major so a gather is already [heads x seqs, keys, dims], and each pool's last slot is kept zero:
+padding reads it, and with sinks it is one more key whose score is the sink (put in by the mask)
+and whose value is zero, so the softmax needs no extra column handling.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ class Segment:
 class Group:
     """Segments with the same query count, attended together."""
 
-    rows: torch.Tensor  # [B, Q] flat row index of each query
-    key_slots: torch.Tensor  # [B, S] flat slot of each gathered key (padding -> slot 0, masked)
-    mask: torch.Tensor  # [B, 1, Q, S] additive: 0 visible, -inf hidden
+    rows: torch.Tensor | None  # [B * Q] flat row of each query, (seq, query) order; None: all rows, in order
+    num_seqs: int
+    num_q: int
+    key_slots: torch.Tensor  # [B * S] flat slot of each gathered key (padding, sink -> the zero slot)
+    mask: torch.Tensor  # [1, B, 1, Q, S'] additive, 0 visible / -inf hidden; S' = S - 1 with sinks
+    mask_3d: torch.Tensor | None  # [Hkv * B, G * Q, S] the mask per score row (pools without sinks)
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,8 @@ class AttentionBatch:
 
 
 class PagedKV:
-    """K/V storage of one pool: per layer a flat [num_blocks * block_size, heads, dim] tensor."""
+    """K/V storage of one pool: per layer [Hkv, num_blocks * block_size + 1, Dqk + Dv]; row [h, s]
+    holds K then V of KV head h at slot s. The extra last slot (`zero_slot`) stays zero."""
 
     def __init__(
         self,
@@ -57,18 +65,17 @@ class PagedKV:
     ) -> None:
         slots = num_blocks * block_size
         self.block_size = block_size
-        self.k = [
-            torch.zeros(slots, num_kv_heads, qk_head_dim, dtype=dtype, device=device)
-            for _ in range(num_layers)
-        ]
-        self.v = [
-            torch.zeros(slots, num_kv_heads, v_head_dim, dtype=dtype, device=device)
+        self.qk_head_dim = qk_head_dim
+        self.zero_slot = slots
+        self.kv = [
+            torch.zeros(num_kv_heads, slots + 1, qk_head_dim + v_head_dim, dtype=dtype, device=device)
             for _ in range(num_layers)
         ]
 
     @property
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        """Bytes of the usable slots (the zero slot aside)."""
+        return sum(t[:, : self.zero_slot].numel() * t.element_size() for t in self.kv)
 
 
 def _tables(segs: Sequence[Segment]) -> torch.Tensor:
@@ -83,87 +90,138 @@ def _tables(segs: Sequence[Segment]) -> torch.Tensor:
 
 
 def build_batch(
-    segments: Sequence[Segment], block_size: int, window: int | None, device: torch.device
+    segments: Sequence[Segment],
+    block_size: int,
+    window: int | None,
+    device: torch.device,
+    zero_slot: int,
+    num_kv_heads: int,
+    num_q_per_kv: int,
+    has_sink: bool,
 ) -> AttentionBatch:
     """Slots and masks for one pool. window=None: global attention (every earlier key)."""
-    tables = _tables(segments)
-    lengths = torch.tensor([seg.num_tokens for seg in segments])
-    starts = torch.tensor([seg.start_position for seg in segments])
-    seg_of_row = torch.repeat_interleave(torch.arange(len(segments)), lengths)  # [N]
-    first_row = torch.cumsum(lengths, 0) - lengths
-    positions = starts[seg_of_row] + torch.arange(int(lengths.sum())) - first_row[seg_of_row]
-    write = tables[seg_of_row, positions // block_size] * block_size + positions % block_size
+    write: list[int] = []
     by_q: dict[int, list[int]] = {}
     for i, seg in enumerate(segments):
+        table = seg.block_table
+        for p in range(seg.start_position, seg.start_position + seg.num_tokens):
+            block = table[p // block_size]
+            assert block is not None, "writing into a released block"
+            write.append(block * block_size + p % block_size)
         by_q.setdefault(seg.num_tokens, []).append(i)
-    groups = [
-        _group(tables[idx], starts[idx], first_row[idx], q, block_size, window, device)
-        for q, idx in ((q, torch.tensor(ids)) for q, ids in by_q.items())
-    ]
-    return AttentionBatch(write.to(device), groups)
+    tables = _tables(segments)
+    starts = torch.tensor([seg.start_position for seg in segments])
+    groups = []
+    for num_q, idx in by_q.items():
+        segs = [segments[i] for i in idx]
+        first_rows = [seg.row_start for seg in segs]
+        in_order = len(by_q) == 1  # one group: its rows are every row, in order
+        rows = None
+        if not in_order:
+            rows = torch.tensor([r + q for r in first_rows for q in range(num_q)], device=device)
+        sel = torch.tensor(idx) if not in_order else None
+        groups.append(
+            _group(
+                tables if sel is None else tables[sel],
+                starts if sel is None else starts[sel],
+                rows,
+                num_q,
+                block_size,
+                window,
+                device,
+                zero_slot,
+                (num_kv_heads, num_q_per_kv, has_sink),
+            )
+        )
+    return AttentionBatch(torch.tensor(write, dtype=torch.long, device=device), groups)
 
 
 def _group(
     tables: torch.Tensor,
     starts: torch.Tensor,
-    first_rows: torch.Tensor,
+    rows: torch.Tensor | None,
     num_q: int,
     block_size: int,
     window: int | None,
     device: torch.device,
+    zero_slot: int,
+    heads: tuple[int, int, bool],
 ) -> Group:
-    """tables [B, blocks], starts/first_rows [B]: one attention call's gather indices and mask."""
+    """tables [B, blocks], starts [B]: one attention call's gather indices and mask."""
+    num_kv_heads, group, has_sink = heads
+    b = starts.shape[0]
     ends = starts + num_q  # exclusive
     firsts = torch.zeros_like(starts) if window is None else (starts - window).clamp(min=0)
     num_keys = int((ends - firsts).max())
-    k_pos = firsts[:, None] + torch.arange(num_keys)[None, :]  # [B, S]
+    k_pos = firsts[:, None] + torch.arange(num_keys)[None, :]  # [B, S']
     in_range = k_pos < ends[:, None]
-    k_pos = torch.where(in_range, k_pos, firsts[:, None])  # padding reads a live key, then is masked
+    k_pos = torch.where(in_range, k_pos, firsts[:, None])
     slots = tables.gather(1, k_pos // block_size) * block_size + k_pos % block_size
+    slots = torch.where(in_range, slots, zero_slot)
+    if has_sink:
+        slots = torch.cat((slots, torch.full((b, 1), zero_slot)), dim=1)  # [B, S' + 1]
     q_pos = starts[:, None] + torch.arange(num_q)[None, :]  # [B, Q]
-    delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Q, S]
+    delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Q, S']
     visible = (delta >= 0) & in_range[:, None, :]
     if window is not None:
         visible &= delta <= window
-    mask = torch.zeros(visible.shape, dtype=torch.float32).masked_fill(~visible, float("-inf"))
-    rows = first_rows[:, None] + torch.arange(num_q)[None, :]
-    return Group(rows.to(device), slots.to(device), mask.unsqueeze(1).to(device))
+    mask = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
+    mask = mask.view(1, b, 1, num_q, num_keys).to(device)
+    mask_3d = None
+    if not has_sink:
+        mask_3d = mask.expand(num_kv_heads, b, group, num_q, num_keys).reshape(
+            num_kv_heads * b, group * num_q, num_keys
+        )
+    return Group(rows, b, num_q, slots.view(-1).to(device), mask, mask_3d)
 
 
 def paged_attention(
     q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    cache_k: torch.Tensor,
-    cache_v: torch.Tensor,
+    kv_new: torch.Tensor,
+    cache: torch.Tensor,
     batch: AttentionBatch,
-    scale: float,
-    sinks: torch.Tensor | None,
+    sink: torch.Tensor | None,
 ) -> torch.Tensor:
-    """q [N, Hq, Dqk], k_new/v_new [N, Hkv, D*]: writes the new K/V, then attends. -> [N, Hq, Dv].
+    """q [N, Hq, Dqk] (already scaled by the softmax scale), kv_new [N, Hkv, Dqk + Dv] (V already
+    value-scaled): writes the new K/V into `cache` [Hkv, slots + 1, Dqk + Dv], then attends.
+    sink [Hkv, 1, G, 1, 1] fp32 per query head, or None. -> [N, Hq * Dv].
 
     Written out with matmuls rather than SDPA: q/k and v head dims differ, which sends SDPA to its
     slow math path, and GQA here needs only a view (query heads of one KV head side by side).
     """
-    cache_k[batch.write_slots] = k_new.to(cache_k.dtype)
-    cache_v[batch.write_slots] = v_new.to(cache_v.dtype)
-    num_q_heads, num_kv_heads = q.shape[1], cache_k.shape[1]
+    num_q_heads, dqk = q.shape[1], q.shape[2]
+    num_kv_heads, width = cache.shape[0], cache.shape[2]
+    dv = width - dqk
     group = num_q_heads // num_kv_heads
-    out = q.new_empty(q.shape[0], num_q_heads, cache_v.shape[-1])
-    sink = None if sinks is None else sinks.float().view(1, num_kv_heads, group, 1, 1)  # [1, Hkv, G, 1, 1]
+    cache.index_copy_(1, batch.write_slots, _as(kv_new.transpose(0, 1), cache.dtype))
+    out = None if batch.groups[0].rows is None else q.new_empty(q.shape[0], num_q_heads * dv)
     for g in batch.groups:
-        b, num_q = g.rows.shape
-        qg = q[g.rows].view(b, num_q, num_kv_heads, group, -1).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, Q, D]
-        kg = cache_k[g.key_slots].permute(0, 2, 3, 1).to(q.dtype)  # [B, Hkv, D, S]
-        vg = cache_v[g.key_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, S, Dv]
-        scores = torch.matmul(qg.reshape(b, num_kv_heads, group * num_q, -1), kg).float() * scale
-        scores = scores.view(b, num_kv_heads, group, num_q, -1) + g.mask.unsqueeze(1)  # [B, Hkv, G, Q, S]
-        if sink is not None:  # the sink is one more logit column with no value vector
-            scores = torch.cat((scores, sink.expand(b, -1, -1, num_q, 1)), dim=-1)
-            p = torch.softmax(scores, dim=-1)[..., :-1]
+        b, nq = g.num_seqs, g.num_q
+        qs = q if g.rows is None else q.index_select(0, g.rows)
+        # [Hkv * B, G * Q, Dqk]: query heads of one KV head side by side, per sequence
+        qg = qs.reshape(b, nq, num_kv_heads, group, dqk).permute(2, 0, 3, 1, 4).reshape(-1, group * nq, dqk)
+        kv = cache.index_select(1, g.key_slots).view(num_kv_heads * b, -1, width)  # [Hkv * B, S, Dqk + Dv]
+        k, v = kv[..., :dqk].transpose(1, 2), kv[..., dqk:]
+        if sink is not None:
+            m = g.mask
+            s = m.shape[-1]
+            mask = torch.cat(
+                (m.expand(num_kv_heads, b, group, nq, s), sink.expand(num_kv_heads, b, group, nq, 1)), dim=-1
+            ).view(num_kv_heads * b, group * nq, s + 1)
         else:
-            p = torch.softmax(scores, dim=-1)
-        p = p.to(vg.dtype).reshape(b, num_kv_heads, group * num_q, -1)
-        o = torch.matmul(p, vg).view(b, num_kv_heads, group, num_q, -1)  # [B, Hkv, G, Q, Dv]
-        out[g.rows] = o.permute(0, 3, 1, 2, 4).reshape(b, num_q, num_q_heads, -1)
+            assert g.mask_3d is not None
+            mask = g.mask_3d
+        if qg.dtype == torch.float32 and k.dtype == torch.float32:
+            p = torch.softmax(torch.baddbmm(mask, qg, k), dim=-1)  # [Hkv * B, G * Q, S]
+        else:  # low precision: scores and softmax in fp32
+            p = torch.softmax(torch.bmm(qg, k.to(qg.dtype)).float() + mask, dim=-1).to(v.dtype)
+        o = torch.bmm(p, v).view(num_kv_heads, b, group, nq, dv).permute(1, 3, 0, 2, 4)  # [B, Q, Hkv, G, Dv]
+        if out is None:
+            return _as(o.reshape(b * nq, num_q_heads * dv), q.dtype)
+        out[g.rows] = o.reshape(b * nq, num_q_heads * dv)
+    assert out is not None
     return out
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)

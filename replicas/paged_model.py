@@ -2,22 +2,28 @@
 
 It reuses the `mimo` modules' weights and halves (projections, router, experts, MTP blocks) and
 only replaces where K/V live: GA layers in the GA pool, SWA layers and MTP blocks in the SWA pool.
-Attention metadata is built once per step per pool and shared by all layers of that type.
+Attention metadata is built once per step per pool and shared by all layers of that type. With
+remote experts a step may run as two micro-batches in ping-pong (MegaScale-Infer): while the shards
+compute one micro-batch's MoE layer, attention runs the other's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from mimo.attention import Attention
 from mimo.config import LayerType
+from mimo.layers import RotaryEmbedding
 from mimo.model import DecoderLayer, MiMoForCausalLM, MTPBlock
 from mimo.moe import MoE
-from replicas.dispatch import ExpertDispatcher
+from replicas.dispatch import ExpertDispatcher, Pending
+from replicas.fused_weights import FusedAttention, FusedMLP, RopeTable
 from replicas.paged_attention import AttentionBatch, PagedKV, Segment, build_batch, paged_attention
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, rotary_dim] (or [N, rotary_dim])
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class StepBatch:
     row_starts: list[int]  # first row of each sequence
     full: AttentionBatch | None
     swa: AttentionBatch
+    ropes: dict[LayerType, Rope]  # per layer type this batch runs
+    # two micro-batches (whole sequences each, rows in order) when the step runs in ping-pong
+    micro: tuple[StepBatch, StepBatch] | None = None
 
 
 class PagedModel:
@@ -62,7 +71,9 @@ class PagedModel:
         swa_layers = [i for i, t in enumerate(c.layer_types) if t is LayerType.SLIDING]
         # layer index -> index inside its pool; MTP block k -> SWA pool index len(swa_layers) + k
         self.pool_index = {i: j for j, i in enumerate(full_layers)} | {i: j for j, i in enumerate(swa_layers)}
-        fa, sa = c.full_attention, c.sliding_attention
+        # head counts from the modules, not the config: a tensor-parallel rank holds only its share
+        fa = _attention_of(model, full_layers[0]).shape if full_layers else c.full_attention
+        sa = _attention_of(model, swa_layers[0]).shape if swa_layers else c.sliding_attention
         self.full_kv = PagedKV(
             len(full_layers), num_full_blocks, block_size, fa.num_kv_heads, fa.qk_head_dim, fa.v_head_dim,
             self.dtype, self.device,
@@ -72,8 +83,28 @@ class PagedModel:
             sa.v_head_dim, self.dtype, self.device,
         )  # fmt: skip
         self.num_swa_main_layers = len(swa_layers)
+        self.pool_heads = {
+            LayerType.FULL: (fa.num_kv_heads, fa.num_q_per_kv, fa.has_sink),
+            LayerType.SLIDING: (sa.num_kv_heads, sa.num_q_per_kv, sa.has_sink),
+        }
+        self.rope_tables = {t: RopeTable(m, self.dtype, self.device) for t, m in _rotaries(model).items()}
+        # derived weights (see replicas/fused_weights.py), keyed by the Attention / DenseMLP module
+        self.fused = {
+            id(a): FusedAttention.build(a, c.rotary_dim) for a in model.modules() if isinstance(a, Attention)
+        }
+        mtp_blocks = [b for b in model.model.mtp.layers if isinstance(b, MTPBlock)]
+        self.fused_mlp = {id(b.mlp): FusedMLP.build(b.mlp) for b in mtp_blocks}
 
     def prepare(self, seqs: Sequence[SeqInput], need_full: bool = True) -> StepBatch:
+        batch = self._prepare(seqs, need_full)
+        d = self.dispatcher
+        if need_full and d is not None and d.use_ping_pong(len(seqs)):
+            split = _half_rows(seqs)
+            micro = (self._prepare(seqs[:split], True), self._prepare(seqs[split:], True))
+            batch = replace(batch, micro=micro)
+        return batch
+
+    def _prepare(self, seqs: Sequence[SeqInput], need_full: bool) -> StepBatch:
         ids: list[int] = []
         positions: list[int] = []
         row_starts = []
@@ -86,27 +117,47 @@ class PagedModel:
             ids.extend(s.token_ids)
             positions.extend(range(s.start_position, s.start_position + n))
         dev = self.device
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        top = max(s.start_position + len(s.token_ids) for s in seqs) - 1
+        types = (LayerType.FULL, LayerType.SLIDING) if need_full else (LayerType.SLIDING,)
+        full_kv, swa_kv = self.full_kv, self.swa_kv
         return StepBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            positions=pos,
             row_starts=row_starts,
-            full=build_batch(full_segs, self.block_size, None, dev) if need_full else None,
-            swa=build_batch(swa_segs, self.block_size, self.window, dev),
+            full=build_batch(
+                full_segs, self.block_size, None, dev, full_kv.zero_slot, *self.pool_heads[LayerType.FULL]
+            )
+            if need_full
+            else None,
+            swa=build_batch(
+                swa_segs,
+                self.block_size,
+                self.window,
+                dev,
+                swa_kv.zero_slot,
+                *self.pool_heads[LayerType.SLIDING],
+            ),
+            ropes={t: self.rope_tables[t].lookup(pos, top) for t in types},
         )
 
     def _attention(
         self, attn: Attention, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: PagedKV, index: int,
         batch: AttentionBatch,
     ) -> torch.Tensor:  # fmt: skip
-        q, k, v = attn.project(x, *rope)
-        out = paged_attention(q, k, v, kv.k[index], kv.v[index], batch, attn.scale, attn.attention_sink_bias)
-        return attn.output(out)
+        fused = self.fused[id(attn)]
+        n = x.shape[0]
+        q, kv_new = fused.project(x, rope[0].view(n, 1, -1), rope[1].view(n, 1, -1))
+        out = paged_attention(q, kv_new, kv.kv[index], batch, fused.sink)  # [N, Hq * Dv]
+        return attn.o_proj(out)
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """-> last hidden state [N, H] before the final norm."""
+        if batch.micro is not None:
+            return self._forward_ping_pong(batch.micro)
         m = self.model
         h = m.model.embed_tokens(batch.input_ids)
-        ropes = {t: m.rope(t, batch.positions, h.dtype) for t in LayerType}
+        ropes = batch.ropes
         for i, layer in enumerate(m.model.layers):
             assert isinstance(layer, DecoderLayer)
             if layer.layer_type is LayerType.FULL:
@@ -118,6 +169,36 @@ class PagedModel:
             h = h + self._attention(layer.self_attn, x, ropes[layer.layer_type], kv, self.pool_index[i], meta)
             h = h + self._mlp(i, layer, layer.post_attention_layernorm(h))
         return h
+
+    def _forward_ping_pong(self, micro: tuple[StepBatch, StepBatch]) -> torch.Tensor:
+        """Per layer: A's attention, A's experts sent; B's attention (overlaps A's experts), B's
+        experts sent; A's experts collected, then A's next attention overlaps B's experts."""
+        m, d = self.model, self.dispatcher
+        assert d is not None
+        hs = [m.model.embed_tokens(mb.input_ids) for mb in micro]
+        pending: list[tuple[Pending, torch.Tensor] | None] = [None, None]
+        for i, layer in enumerate(m.model.layers):
+            assert isinstance(layer, DecoderLayer)
+            full = layer.layer_type is LayerType.FULL
+            kv = self.full_kv if full else self.swa_kv
+            for j, mb in enumerate(micro):
+                waiting = pending[j]
+                if waiting is not None:
+                    hs[j] = hs[j] + d.collect(*waiting)
+                    pending[j] = None
+                meta = mb.full if full else mb.swa
+                assert meta is not None
+                x = layer.input_layernorm(hs[j])
+                hs[j] = hs[j] + self._attention(layer.self_attn, x, mb.ropes[layer.layer_type], kv, self.pool_index[i], meta)  # fmt: skip
+                x = layer.post_attention_layernorm(hs[j])
+                if isinstance(layer.mlp, MoE):
+                    pending[j] = (d.submit(i, x, layer.mlp.gate(x)), x)
+                else:
+                    hs[j] = hs[j] + layer.mlp(x)
+        for j, waiting in enumerate(pending):
+            if waiting is not None:
+                hs[j] = hs[j] + d.collect(*waiting)
+        return torch.cat(hs)
 
     def _mlp(self, index: int, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
         mlp = layer.mlp
@@ -135,11 +216,37 @@ class PagedModel:
         mtp = m.model.mtp.layers[block]
         assert isinstance(mtp, MTPBlock)
         emb = m.model.embed_tokens(batch.input_ids)
-        rope = m.rope(LayerType.SLIDING, batch.positions, emb.dtype)
+        rope = batch.ropes[LayerType.SLIDING]
         x = mtp.eh_proj(torch.cat((mtp.enorm(emb), mtp.hnorm(h_prev)), dim=-1))
         index = self.num_swa_main_layers + block
         x = x + self._attention(mtp.self_attn, mtp.input_layernorm(x), rope, self.swa_kv, index, batch.swa)
-        return x + mtp.mlp(mtp.pre_mlp_layernorm(x))
+        return x + self.fused_mlp[id(mtp.mlp)](mtp.pre_mlp_layernorm(x))
 
     def mtp_logits(self, block: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.mtp_logits(block, hidden).float()
+
+
+def _attention_of(model: MiMoForCausalLM, index: int) -> Attention:
+    layer = model.model.layers[index]
+    assert isinstance(layer, DecoderLayer)
+    return layer.self_attn
+
+
+def _half_rows(seqs: Sequence[SeqInput]) -> int:
+    """Split index in [1, len(seqs) - 1] whose first part's row count is closest to half the rows."""
+    total = sum(len(s.token_ids) for s in seqs)
+    best, best_gap, rows = 1, total, 0
+    for k, s in enumerate(seqs[:-1], start=1):
+        rows += len(s.token_ids)
+        if abs(2 * rows - total) < best_gap:
+            best, best_gap = k, abs(2 * rows - total)
+    return best
+
+
+def _rotaries(model: MiMoForCausalLM) -> dict[LayerType, RotaryEmbedding]:
+    out = {}
+    for t in LayerType:
+        rotary = model.model.rope[t.value]
+        assert isinstance(rotary, RotaryEmbedding)
+        out[t] = rotary
+    return out

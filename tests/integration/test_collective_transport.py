@@ -38,7 +38,9 @@ def _shard_main(path: str, keys: list[ExpertKey], rank: int, world: int, port: i
 
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_collective_shards_match_single_process(tmp_path: Path, num_shards: int) -> None:
-    """Catches payload packing errors (ids as floats, weights, row order) or a desynchronised loop."""
+    """Catches payload packing errors (ids as floats, weights, row order), a desynchronised loop or
+    buffer growth (prefill steps exceed the initial capacity), and ping-pong micro-batches whose two
+    in-flight messages per shard get crossed."""
     from tests.factory import random_config_dict, write_random_checkpoint
 
     write_random_checkpoint(tmp_path, random_config_dict(max_position_embeddings=512))
@@ -66,8 +68,9 @@ def test_collective_shards_match_single_process(tmp_path: Path, num_shards: int)
     init_group(0, num_shards + 1, "127.0.0.1", port)
     transport = CollectiveTransport(num_shards, config.hidden_size)
     try:
-        engine = _engine(tmp_path, ExpertDispatcher(transport, placement, 16))
-        assert _outputs(engine, PROMPTS) == expected
+        for ping_pong in (False, True):
+            engine = _engine(tmp_path, ExpertDispatcher(transport, placement, 16, ping_pong=ping_pong))
+            assert _outputs(engine, PROMPTS) == expected
     finally:
         transport.shutdown()
         for p in procs:

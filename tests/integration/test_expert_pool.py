@@ -53,7 +53,8 @@ PROMPTS = [[5, 6, 7], list(range(10, 50)), [9] * 17, list(range(100, 130))]
 
 @pytest.mark.parametrize("num_shards", [2, 4])
 def test_ray_shards_match_single_process(ray_cluster: object, checkpoint: Path, num_shards: int) -> None:
-    """Catches any difference the Ray transport or a shard split introduces (routing, zero-copy)."""
+    """Catches any difference the Ray transport or a shard split introduces (routing, packed numpy
+    payloads), with and without ping-pong micro-batches (two calls in flight per shard)."""
     expected = _outputs(_engine(checkpoint, None), PROMPTS)
     placement = initial_placement(list(range(1, 7)), 16, num_shards)
     pool = ExpertPool.start(checkpoint, placement, ShardResources(num_cpus=0.5))
@@ -61,8 +62,9 @@ def test_ray_shards_match_single_process(ray_cluster: object, checkpoint: Path, 
         nodes = (
             {ray.get(a.node_id.remote()) for a in pool.actors} if hasattr(pool.actors[0], "node_id") else None
         )
-        engine = _engine(checkpoint, ExpertDispatcher(pool.transport(), placement, 16))
-        assert _outputs(engine, PROMPTS) == expected
+        for ping_pong in (False, True):
+            dispatcher = ExpertDispatcher(pool.transport(), placement, 16, ping_pong=ping_pong)
+            assert _outputs(_engine(checkpoint, dispatcher), PROMPTS) == expected
         assert len(nodes) == 2  # SPREAD put shards on both raylets
     finally:
         pool.shutdown()

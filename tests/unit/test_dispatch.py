@@ -61,3 +61,24 @@ def test_dispatched_moe_equals_in_model(
                 got = [counts[s].get((layer, e), 0) for s in holders]  # type: ignore[union-attr]
                 if sum(got) >= 2 * len(holders):
                     assert all(g > 0 for g in got)
+
+
+def test_switch_waits_for_calls_routed_by_the_old_table(checkpoint: tuple[Path, torch.nn.Module]) -> None:
+    """Catches EPLB dropping experts while a layer call routed by the old table is still in flight
+    (it would reach a shard that no longer holds its experts)."""
+    path, model = checkpoint
+    moe_layers = [i for i, m in enumerate(model.config.is_moe_layer) if m]
+    placement = initial_placement(moe_layers, 16, 2)
+    shards = [ExpertShard.load(path, placement.experts_of_shard(s)) for s in range(2)]
+    dispatcher = ExpertDispatcher(InProcessTransport(shards), placement, 16)
+    x = torch.randn(5, model.config.hidden_size)
+    moe = model.model.layers[moe_layers[0]].mlp
+    assert isinstance(moe, MoE)
+    pending = dispatcher.submit(moe_layers[0], x, moe.gate(x))  # routed by generation 0
+    dispatcher.set_placement(initial_placement(moe_layers, 16, 2))
+    assert dispatcher.wait_for_old_calls(timeout_s=0.05) is False
+    dispatcher.collect(pending, x)
+    assert dispatcher.wait_for_old_calls(timeout_s=0.05) is True
+    later = dispatcher.submit(moe_layers[0], x, moe.gate(x))  # a new-table call never blocks a switch
+    assert dispatcher.wait_for_old_calls(timeout_s=0.05) is True
+    dispatcher.collect(later, x)

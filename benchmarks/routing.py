@@ -1,0 +1,476 @@
+"""Prefix-aware routing side by side: our router against round-robin, power-of-two, Ray Serve LLM's
+`PrefixCacheAffinityRouter`, sglang-router's `cache_aware`, and an oracle that knows every cache.
+
+One multi-session, multi-turn chat/agent trace (`benchmarks/routing_trace.py`: shared system prompts,
+growing histories, `--concurrency` sessions in flight, greedy, EOS ignored) is replayed against 4
+attention replicas of the tiny model, every replica with the same engine config:
+- ours, round_robin, power_of_two, ray_prefix: the Serve application (`cluster.app`), Gateway ->
+  Attention replicas (experts in process), through the gateway's HTTP API; Ray's router is plugged in
+  as the Attention deployment's request router (`benchmarks/ray_prefix_router.py`).
+- sglang_cache_aware, oracle: 4 worker processes, each the same OpenAI API over one engine
+  (`benchmarks/routing_worker.py`), behind sglang-router (its own venv) or behind the oracle, a
+  client-side router that before each request asks every worker's engine how many prompt tokens it
+  would hit right now (`POST /probe`, looked up on the engine thread) and sends the request to the
+  most hits, ties to the fewest requests in flight, then the lowest worker index.
+Each policy starts on fresh replicas (a new Serve application or new worker processes); each run's
+system prompts begin with a run-specific line, so no run can hit another run's blocks. Reported per
+policy: the engines' prefix-cache hit rate (sum of usage cached_tokens / prompt tokens), client-side
+TTFT p50/p99 (request sent -> first streamed chunk), requests/s and output tokens/s, median of
+`--runs`, with ratios to the oracle and to ours. Writes benchmarks/results/routing.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+for key, value in {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind Ray to loopback (see tests/conftest.py)
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
+}.items():
+    os.environ.setdefault(key, value)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.routing_trace import (  # noqa: E402
+    RequestResult,
+    Trace,
+    ceiling_hit_rate,
+    compare,
+    goal_check,
+    make_trace,
+    median_of_runs,
+    messages_for,
+    summarize,
+)
+from cluster.local_server import free_port  # noqa: E402
+from cluster.spec import ClusterSpec  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "routing.json"
+SGLANG_VENV = ROOT / "benchmarks" / ".cache" / "venv-sglang"
+SGLANG_VERSION = "0.3.2"
+WORKER = ROOT / "benchmarks" / "routing_worker.py"
+MODEL = "mimo-tiny"
+SERVE_POLICIES = ("ours", "round_robin", "power_of_two", "ray_prefix")
+HARNESS_POLICIES = ("oracle", "sglang_cache_aware")
+ALL_POLICIES = HARNESS_POLICIES + SERVE_POLICIES
+SPEC_POLICY = {"ours": "prefix", "round_robin": "round_robin", "power_of_two": "power_of_two"}
+
+# One request: chat messages -> (ttft_s, usage dict), sent however the policy routes.
+Send = Callable[[list[dict[str, str]]], Awaitable[tuple[float, dict[str, Any]]]]
+
+
+def make_spec(args: argparse.Namespace, policy: str = "prefix", port: int = 8000) -> ClusterSpec:
+    return ClusterSpec.from_dict(
+        {
+            "engine": {"kv_cache_mib": args.kv_cache_mib, "max_model_len": 4096, "threads": 1},
+            "attention": {"num_replicas": args.replicas, "max_replicas": args.replicas, "num_cpus": 1},
+            "experts": {"transport": "local"},
+            "router": {"policy": policy},
+            "gateway": {"port": port, "proxy_location": "HeadOnly"},
+            "autoscaling": {"enabled": False},
+        }
+    )
+
+
+# --- the client ------------------------------------------------------------------------------
+
+
+async def stream_chat(
+    client: Any, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[float, dict[str, Any]]:
+    """One streaming chat request; TTFT is measured to the first chunk that carries a choice."""
+    start = time.perf_counter()
+    stream = await client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    ttft = None
+    usage: dict[str, Any] = {}
+    async for chunk in stream:
+        if ttft is None and chunk.choices:
+            ttft = time.perf_counter() - start
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+    if ttft is None or not usage:
+        raise RuntimeError(f"stream ended without a token or usage: ttft={ttft}, usage={usage}")
+    return ttft, usage
+
+
+def openai_client(base_url: str) -> Any:
+    import openai
+
+    # A retry only follows a connection error (a kept-alive connection the server just closed);
+    # the API never answers a retryable status here.
+    return openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=2, timeout=300)
+
+
+async def replay(
+    trace: Trace, nonce: int, send: Send, concurrency: int, arrival_interval_s: float
+) -> tuple[list[RequestResult], float]:
+    """Every session's turns in order (each turn sent when the previous one finished); session k
+    starts no earlier than k * `arrival_interval_s`, and at most `concurrency` are in flight."""
+    pending = list(enumerate(trace.sessions))
+    results: list[RequestResult] = []
+    start = time.perf_counter()
+
+    async def worker() -> None:
+        while pending:
+            k, session = pending.pop(0)
+            await asyncio.sleep(max(0.0, start + k * arrival_interval_s - time.perf_counter()))
+            for turn_index in range(len(session.turns)):
+                sent = time.perf_counter() - start
+                ttft, usage = await send(messages_for(trace, session, turn_index, nonce))
+                details = usage.get("prompt_tokens_details") or {}
+                results.append(
+                    RequestResult(
+                        session_id=session.session_id,
+                        turn_index=turn_index,
+                        prompt_tokens=int(usage["prompt_tokens"]),
+                        cached_tokens=int(details.get("cached_tokens") or 0),
+                        completion_tokens=int(usage["completion_tokens"]),
+                        ttft_s=ttft,
+                        start_s=sent,
+                        end_s=time.perf_counter() - start,
+                    )
+                )
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results, time.perf_counter() - start
+
+
+async def warm_up(sends: list[Send]) -> None:
+    """A few short requests with prompts no run shares (first forward passes are slow)."""
+    messages = [[{"role": "user", "content": f"Warm up number {i}: say something."}] for i in range(16)]
+    await asyncio.gather(*(sends[i % len(sends)](m) for i, m in enumerate(messages)))
+
+
+def run_policy(
+    name: str, send: Send, warm: list[Send], trace: Trace, args: argparse.Namespace, nonces: Iterator[int]
+) -> dict[str, Any]:
+    """Warm up through `warm`, then `--runs` replays of the trace through `send`; medians."""
+
+    async def go() -> list[dict[str, float]]:
+        await warm_up(warm)
+        summaries = []
+        for run in range(args.runs):
+            await asyncio.sleep(args.settle_s)  # replicas idle, reports current
+            results, wall_s = await replay(
+                trace, next(nonces), send, args.concurrency, args.arrival_interval_s
+            )
+            if args.details is not None:  # every request, for looking into one policy's tail
+                args.details.mkdir(parents=True, exist_ok=True)
+                rows = [dataclasses.asdict(r) for r in sorted(results, key=lambda r: r.start_s)]
+                (args.details / f"{name}_run{run}.json").write_text(json.dumps(rows, indent=1))
+            summary = summarize(results, wall_s)
+            summaries.append(summary)
+            print(
+                f"{name} run {run}: " + json.dumps({k: round(v, 4) for k, v in summary.items()}), flush=True
+            )
+        return summaries
+
+    return median_of_runs(asyncio.run(go()))
+
+
+# --- Serve policies ----------------------------------------------------------------------------
+
+
+def ray_router_config() -> Any:
+    from ray.serve.config import RequestRouterConfig
+
+    from benchmarks.ray_prefix_router import TokenPromptAffinityRouter
+
+    options: dict[str, Any] = {
+        "request_router_class": TokenPromptAffinityRouter
+    }  # Ray types every kwarg as a dict
+    return RequestRouterConfig(**options)
+
+
+def run_serve_policies(
+    policies: list[str], trace: Trace, args: argparse.Namespace, nonces: Iterator[int]
+) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from cluster.app import APP_NAME, build_application
+
+    out: dict[str, Any] = {}
+    port = free_port()
+    # address="local": always a private cluster, never one another program started on this host
+    ray.init(address="local", num_cpus=args.replicas + 4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        for name in policies:
+            spec = make_spec(args, SPEC_POLICY.get(name, "prefix"), port)
+            router = ray_router_config() if name == "ray_prefix" else None
+            started = time.perf_counter()
+            serve.run(build_application(spec, request_router=router), name=APP_NAME, route_prefix="/")
+            wait_http(f"http://127.0.0.1:{port}/ready", timeout_s=300)
+            print(f"{name}: deployed in {time.perf_counter() - started:.1f} s", flush=True)
+            send = direct_send(openai_client(f"http://127.0.0.1:{port}/v1"), args.max_tokens)
+            out[name] = run_policy(name, send, [send], trace, args, nonces) | {"harness": "serve"}
+            serve.delete(APP_NAME)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return out
+
+
+def wait_http(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not answering 200 after {timeout_s} s")
+        time.sleep(0.5)
+
+
+# --- worker-process policies -------------------------------------------------------------------
+
+
+@contextmanager
+def workers(args: argparse.Namespace) -> Iterator[list[str]]:
+    """`--replicas` worker processes; yields their base URLs (http://127.0.0.1:PORT)."""
+    spec_json = make_spec(args).model_dump_json()
+    ports = [free_port() for _ in range(args.replicas)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "--port", str(port), "--spec", spec_json],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in ports
+    ]
+    try:
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for url in urls:
+            wait_http(url + "/health", timeout_s=300)
+        yield urls
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=60)
+
+
+class Oracle:
+    """Routes each request to the worker whose engine would hit the most prompt tokens right now."""
+
+    def __init__(self, urls: list[str], max_tokens: int) -> None:
+        import httpx2
+
+        from mimo.tokenizer import Tokenizer
+
+        self.urls = urls
+        self.clients = [openai_client(url + "/v1") for url in urls]
+        self.http = httpx2.AsyncClient(timeout=60)
+        self.tokenizer = Tokenizer.from_dir(ROOT / "checkpoints" / "mimo-tiny")
+        self.in_flight = [0] * len(urls)
+        self.max_tokens = max_tokens
+        self.num_sent = [0] * len(urls)
+
+    async def probe(self, url: str, token_ids: list[int]) -> int:
+        import httpx2
+
+        for attempt in range(3):  # a read-only question: safe to ask again after a dropped connection
+            try:
+                reply = await self.http.post(url + "/probe", json={"prompt_token_ids": token_ids})
+                return int(reply.raise_for_status().json()["cached_tokens"])
+            except httpx2.TransportError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def send(self, messages: list[dict[str, str]]) -> tuple[float, dict[str, Any]]:
+        token_ids = render_prompt(self.tokenizer, messages)
+        hits = await asyncio.gather(*(self.probe(url, token_ids) for url in self.urls))
+        best = min(range(len(self.urls)), key=lambda i: (-hits[i], self.in_flight[i], i))
+        self.in_flight[best] += 1
+        self.num_sent[best] += 1
+        try:
+            return await stream_chat(self.clients[best], messages, self.max_tokens)
+        finally:
+            self.in_flight[best] -= 1
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Exactly what the gateway renders (same code path, same tokenizer)."""
+    from gateway.chat import render_chat
+    from gateway.schemas import ChatCompletionRequest
+
+    body = ChatCompletionRequest.model_validate({"model": MODEL, "messages": messages})
+    return render_chat(body, tokenizer).prompt_token_ids
+
+
+def trace_prompts(trace: Trace, nonce: int) -> list[list[int]]:
+    from mimo.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(ROOT / "checkpoints" / "mimo-tiny")
+    return [
+        render_prompt(tokenizer, messages_for(trace, session, k, nonce))
+        for session in trace.sessions
+        for k in range(len(session.turns))
+    ]
+
+
+def sglang_python(args: argparse.Namespace) -> tuple[Path | None, str | None]:
+    """sglang-router's interpreter, or None with the reason it is skipped."""
+    python = args.sglang_python
+    if not python.exists() and args.make_sglang_venv:
+        venv = python.parents[1]
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        installed = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", f"sglang-router=={SGLANG_VERSION}"],
+            capture_output=True,
+            text=True,
+        )
+        if installed.returncode != 0:
+            return None, f"pip install sglang-router failed: {installed.stderr[-500:]}"
+    if not python.exists():
+        return None, f"no sglang-router venv at {python} (run with --make-sglang-venv)"
+    return python, None
+
+
+@contextmanager
+def sglang_router(python: Path, urls: list[str]) -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(python), "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+            "--worker-urls", *urls, "--policy", "cache_aware",
+            "--tokenizer-path", str(ROOT / "checkpoints" / "mimo-tiny"), "--log-level", "warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout_s=120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def direct_send(client: Any, max_tokens: int) -> Send:
+    async def send(messages: list[dict[str, str]]) -> tuple[float, dict[str, Any]]:
+        return await stream_chat(client, messages, max_tokens)
+
+    return send
+
+
+def run_harness_policies(
+    policies: list[str], trace: Trace, args: argparse.Namespace, nonces: Iterator[int]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    out: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    python, reason = sglang_python(args) if "sglang_cache_aware" in policies else (None, None)
+    if reason is not None:
+        skipped["sglang_cache_aware"] = reason
+        print(f"sglang_cache_aware skipped: {reason}", flush=True)
+    for name in policies:
+        if name in skipped:
+            continue
+        with workers(args) as urls:  # fresh engines: cold caches for this policy
+            direct = [openai_client(url + "/v1") for url in urls]
+            warm = [direct_send(c, args.max_tokens) for c in direct]  # every worker warmed
+            if name == "oracle":
+                oracle = Oracle(urls, args.max_tokens)
+                out[name] = run_policy(name, oracle.send, warm, trace, args, nonces)
+                out[name]["requests_per_worker"] = oracle.num_sent
+            else:
+                assert python is not None
+                with sglang_router(python, urls) as router_url:
+                    via_router = direct_send(openai_client(router_url + "/v1"), args.max_tokens)
+                    out[name] = run_policy(name, via_router, warm, trace, args, nonces)
+            out[name]["harness"] = "worker_processes"
+    return out, skipped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sessions", type=int, default=28)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--arrival-interval-s", type=float, default=0.5, help="between session starts")
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--kv-cache-mib", type=int, default=24)
+    parser.add_argument("--settle-s", type=float, default=2.0, help="idle time before each run")
+    parser.add_argument("--policies", nargs="+", default=list(ALL_POLICIES), choices=ALL_POLICIES)
+    parser.add_argument("--sglang-python", type=Path, default=SGLANG_VENV / "bin" / "python")
+    parser.add_argument("--make-sglang-venv", action="store_true", help="create the sglang venv if missing")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--details", type=Path, default=None, help="write every request of every run here")
+    args = parser.parse_args()
+    for name in ("httpx", "httpx2", "openai", "ray.serve"):  # one line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    trace = make_trace(args.seed, num_sessions=args.sessions)
+    ceiling = ceiling_hit_rate(trace_prompts(trace, nonce=0), make_spec(args).engine.block_size)
+    nonces = iter(range(1000, 10000))  # every run of every policy: its own first line
+    started = time.perf_counter()
+    harness = [p for p in args.policies if p in HARNESS_POLICIES]
+    serve_side = [p for p in args.policies if p in SERVE_POLICIES]
+    policies, skipped = run_harness_policies(harness, trace, args, nonces) if harness else ({}, {})
+    if serve_side:
+        policies |= run_serve_policies(serve_side, trace, args, nonces)
+    spec = make_spec(args)
+    result = {
+        "setup": {
+            "trace": {
+                "seed": args.seed, "sessions": args.sessions, "requests": trace.num_requests,
+                "system_prompts": len(trace.system_prompts), "turns": "3-5", "concurrency": args.concurrency,
+                "arrival_interval_s": args.arrival_interval_s,
+                "max_tokens": args.max_tokens, "greedy": True, "ignore_eos": True,
+            },
+            "replicas": args.replicas, "engine": spec.engine.model_dump(), "experts": "in process",
+            "runs": args.runs, "statistic": "median over runs",
+            "hit_rate": "sum(usage.prompt_tokens_details.cached_tokens) / sum(usage.prompt_tokens)",
+            "ttft": "client-side, request sent -> first streamed chunk with a choice",
+            "oracle": "before each request every worker's engine is asked (POST /probe, KV cache "
+            "manager lookup on the engine thread) how many prompt tokens it would hit; the request "
+            "goes to the most hits, ties to the fewest in flight, then the lowest index",
+            "sglang_router": SGLANG_VERSION, "elapsed_s": round(time.perf_counter() - started, 1),
+        },
+        "ceiling_hit_rate": round(ceiling, 4),  # one never-evicting cache: no router can beat it
+        "skipped": skipped,
+        "policies": policies,
+        "ratios": compare(policies, "oracle", "ours"),
+        "goals": goal_check(policies, "oracle", "ours") if "ours" in policies else {},
+    }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"ratios": result["ratios"], "goals": result["goals"]}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""The paged forward's rearranged weights and attention layout against the `mimo` reference math:
+fused q/k/v projection with RoPE, the cached rope table, and paged attention over mixed groups."""
+
+from __future__ import annotations
+
+import torch
+
+from mimo.attention import Attention
+from mimo.config import MiMoConfig
+from mimo.layers import RotaryEmbedding
+from replicas.fused_weights import FusedAttention, RopeTable
+from replicas.paged_attention import PagedKV, Segment, build_batch, paged_attention
+from tests.factory import random_config_dict
+
+
+def _attention(seed: int) -> tuple[MiMoConfig, Attention]:
+    config = MiMoConfig.from_hub_dict(random_config_dict())
+    torch.manual_seed(seed)
+    attn = Attention(config, config.sliding_attention)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return config, attn
+
+
+def test_fused_projection_equals_module_projection() -> None:
+    """Catches a wrong rotate-half partner row, the softmax scale folded into k instead of q, the value
+    scale lost, or K/V of one KV head not side by side (each changes q or the cached K/V row)."""
+    config, attn = _attention(0)
+    rotary = RotaryEmbedding(config.rotary_dim, config.sliding_attention.rope_theta)
+    positions = torch.tensor([0, 3, 17, 250])
+    cos, sin = rotary(positions, torch.float32)
+    x = torch.randn(4, config.hidden_size)
+    q, k, v = attn.project(x, cos, sin)
+    fused = FusedAttention.build(attn, config.rotary_dim)
+    fq, fkv = fused.project(x, cos.unsqueeze(1), sin.unsqueeze(1))
+    s = config.sliding_attention
+    assert fq.shape == (4, s.num_q_heads, s.qk_head_dim)
+    assert fkv.shape == (4, s.num_kv_heads, s.qk_head_dim + s.v_head_dim)
+    torch.testing.assert_close(fq, q * attn.scale, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fkv[..., : s.qk_head_dim], k, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fkv[..., s.qk_head_dim :], v, rtol=0, atol=1e-5)
+
+
+def test_rope_table_equals_rotary_embedding_after_growth() -> None:
+    """Catches a table that is not grown (or grown wrong) when a position beyond it appears, and any
+    drift from the module's math (rows must be bit-identical)."""
+    rotary = RotaryEmbedding(16, 10_000.0)
+    table = RopeTable(rotary, torch.float32, torch.device("cpu"))
+    for positions in (torch.tensor([0, 5, 63]), torch.tensor([64, 1000, 7]), torch.tensor([4095, 2])):
+        cos, sin = table.lookup(positions, int(positions.max()))
+        ref_cos, ref_sin = rotary(positions, torch.float32)
+        assert torch.equal(cos[:, 0], ref_cos) and torch.equal(sin[:, 0], ref_sin)
+    assert table.table.shape[0] == 4096
+
+
+def test_paged_attention_equals_reference_over_mixed_groups() -> None:
+    """Catches a wrong gather slot, mask, sink column or row scatter when one step mixes a decode, a
+    prefill chunk and a verify segment (three groups) on a sliding window with released blocks: every
+    query's output must equal the reference `attend` over that sequence's whole history."""
+    config, attn = _attention(1)
+    s = config.sliding_attention
+    window, block = config.sliding_window_size, 4
+    fused = FusedAttention.build(attn, config.rotary_dim)
+    kv = PagedKV(
+        1, 32, block, s.num_kv_heads, s.qk_head_dim, s.v_head_dim, torch.float32, torch.device("cpu")
+    )
+    rotary = RotaryEmbedding(config.rotary_dim, s.rope_theta)
+    lengths, fed = [13, 9, 20], [1, 5, 3]  # tokens so far (incl. this step's), tokens fed this step
+    tables = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10, 11]]
+    xs = [torch.randn(n, config.hidden_size) for n in lengths]
+
+    def run(segs: list[tuple[int, int, int]]) -> torch.Tensor:  # (seq, start, count)
+        rows = 0
+        segments: list[Segment] = []
+        x_rows: list[torch.Tensor] = []
+        pos: list[int] = []
+        for i, start, count in segs:
+            table: list[int | None] = list(tables[i])
+            for b in range(len(table)):  # blocks wholly outside every remaining window are released
+                if (b + 1) * block <= start - window:
+                    table[b] = None
+            segments.append(Segment(rows, count, start, table))
+            x_rows.append(xs[i][start : start + count])
+            pos.extend(range(start, start + count))
+            rows += count
+        batch = build_batch(segments, block, window, torch.device("cpu"), kv.zero_slot, s.num_kv_heads,
+                            s.num_q_per_kv, s.has_sink)  # fmt: skip
+        cos, sin = rotary(torch.tensor(pos), torch.float32)
+        q, kv_new = fused.project(torch.cat(x_rows), cos.unsqueeze(1), sin.unsqueeze(1))
+        return paged_attention(q, kv_new, kv.kv[0], batch, fused.sink)
+
+    run([(i, 0, n - f) for i, (n, f) in enumerate(zip(lengths, fed, strict=True))])  # history
+    got = run([(i, n - f, f) for i, (n, f) in enumerate(zip(lengths, fed, strict=True))])
+    offset = 0
+    for i, (n, f) in enumerate(zip(lengths, fed, strict=True)):
+        positions = torch.arange(n)
+        q, k, v = attn.project(xs[i].unsqueeze(0), *rotary(positions, torch.float32))
+        ref = attn.attend(q[:, n - f :], k, v, positions[n - f :], positions)[0].flatten(-2)
+        torch.testing.assert_close(got[offset : offset + f], ref, rtol=0, atol=1e-5)
+        offset += f
