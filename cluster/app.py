@@ -21,7 +21,9 @@ from cluster.gateway_deployment import APP_NAME, GatewayDeployment
 from cluster.spec import ClusterSpec, SpecError
 
 ROUTING_STATS_PERIOD_S = 0.5  # how often Serve polls each attention replica for its report
-ZERO_COPY = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}}
+# zero-copy tensors through the object store; idle OpenMP threads sleep instead of spinning (on a
+# shared CPU host spinning threads starved the shard a replica waits for: ~100 ms layer calls)
+RUNTIME_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "OMP_WAIT_POLICY": "PASSIVE"}}
 
 
 def check_engine_fits(spec: ClusterSpec) -> None:
@@ -63,7 +65,7 @@ def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | N
         name="Attention",
         max_ongoing_requests=a.max_ongoing_requests,
         max_queued_requests=spec.engine.max_queued_requests,
-        ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "runtime_env": ZERO_COPY},
+        ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "runtime_env": RUNTIME_ENV},
         **scaling,
         request_router_config=request_router or _router_config(spec),
     )(AttentionDeployment).bind(data, pool)
