@@ -119,7 +119,10 @@ def _attention_wish(s: AttentionSnapshot, current: int, c: ScalingConfig) -> _Wi
     if ups:
         size, cause, reason = max(ups, key=lambda u: u[0])
         return _Wish(+1, max(size, current + 1), cause, reason)
-    ttft_ok = s.ttft_p90_s is None or s.ttft_p90_s <= c.ttft_slo_s / 2
+    # an idle pool scales down whatever TTFT its trailing window (e.g. a PromQL rate over minutes)
+    # still remembers from the load that ended
+    is_idle = s.num_running == 0 and s.num_waiting == 0
+    ttft_ok = is_idle or s.ttft_p90_s is None or s.ttft_p90_s <= c.ttft_slo_s / 2
     # one fewer replica must still sit under the scale-up thresholds, or it would bounce back
     fits_one_fewer = current > 1 and s.kv_usage * current / (current - 1) <= c.target_kv_usage
     if s.kv_usage < c.scale_down_kv_usage and s.num_waiting == 0 and ttft_ok and fits_one_fewer:

@@ -62,8 +62,11 @@ async def stream_request(
         stream = await engine.submit(request)
     except InvalidRequest as e:
         raise EngineError(400, str(e), _api_param(e.field)) from None
-    async for chunk in stream:
-        yield to_generation_chunk(chunk)
+    try:
+        async for chunk in stream:
+            yield to_generation_chunk(chunk)
+    finally:
+        await stream.aclose()  # closed early: the engine aborts the request and frees its KV
 
 
 def _api_param(field: str) -> str:

@@ -220,4 +220,9 @@ async def _releasing(body: AsyncIterable[Any], state: Gateway) -> AsyncIterator[
         async for part in body:
             yield part
     finally:
-        state.num_pending -= 1
+        try:
+            aclose = getattr(body, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            state.num_pending -= 1

@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from gateway.assemble import ChoiceAssembler, ChoiceDelta
 from gateway.auth import Tenant
@@ -16,7 +16,7 @@ from gateway.engine_client import EngineError
 from gateway.fanout import EngineCall, FanOut
 from gateway.params import check_prompt, engine_params
 from gateway.schemas import ChatCompletionRequest
-from gateway.sse import sse_done, sse_event, usage_body
+from gateway.sse import EventStream, sse_done, sse_event, usage_body
 
 if TYPE_CHECKING:
     from gateway.api import Gateway
@@ -49,7 +49,7 @@ async def chat_completion(state: Gateway, tenant: Tenant, body: ChatCompletionRe
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _stream(state, tenant, fanout, assemblers, body, response_id, created, include_usage)
-        return StreamingResponse(stream, media_type="text/event-stream")
+        return EventStream(stream)
     return JSONResponse(await _collect(state, tenant, fanout, assemblers, body, response_id, created))
 
 
@@ -112,21 +112,21 @@ async def _stream(
 ) -> AsyncIterator[str]:
     head = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
     usage = [0, 0, 0]
-    for index in range(len(assemblers)):
-        yield sse_event(
-            {
-                **head,
-                "choices": [
-                    {
-                        "index": index,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
-            }
-        )
     try:
+        for index in range(len(assemblers)):
+            yield sse_event(
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "index": index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
         async for index, chunk in fanout.chunks():
             if chunk.error:
                 yield sse_event(
@@ -168,4 +168,5 @@ async def _stream(
         )
         yield sse_done()
     finally:
+        await fanout.close()  # a stream closed early (client gone) aborts its engine requests
         state.charge(tenant, usage[1])

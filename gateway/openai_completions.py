@@ -7,7 +7,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from gateway.assemble import token_text
 from gateway.auth import Tenant
@@ -16,7 +16,7 @@ from gateway.errors import APIError
 from gateway.fanout import EngineCall, FanOut
 from gateway.params import check_prompt, engine_params
 from gateway.schemas import CompletionRequest
-from gateway.sse import sse_done, sse_event, usage_body
+from gateway.sse import EventStream, sse_done, sse_event, usage_body
 from mimo.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -67,9 +67,7 @@ async def completion(state: Gateway, tenant: Tenant, body: CompletionRequest, ri
     head = {"id": f"cmpl-{rid}", "created": int(time.time()), "model": body.model}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _stream(state, tenant, fanout, body, head, echoes, include_usage), media_type="text/event-stream"
-        )
+        return EventStream(_stream(state, tenant, fanout, body, head, echoes, include_usage))
     texts = list(echoes)
     finish: list[str | None] = [None] * len(calls)
     logprobs: list[dict[str, Any] | None] = [None] * len(calls)
@@ -161,4 +159,5 @@ async def _stream(
         )
         yield sse_done()
     finally:
+        await fanout.close()  # a stream closed early (client gone) aborts its engine requests
         state.charge(tenant, completion_tokens)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from replicas.block_pool import KVEvent
@@ -51,7 +51,7 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._loop, name="mimo-engine", daemon=True)
         self._thread.start()
 
-    async def submit(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+    async def submit(self, request: GenerateRequest) -> AsyncGenerator[Chunk, None]:
         """Validates now (raising InvalidRequest), then yields chunks until the finishing one."""
         if self._stopped:
             raise RuntimeError("engine is shut down")
@@ -61,7 +61,7 @@ class AsyncEngine:
         self._send("add", request)
         return self._iterate(request.request_id, stream)
 
-    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[Chunk]:
+    async def _iterate(self, request_id: str, stream: _Stream) -> AsyncGenerator[Chunk, None]:
         finished = False
         try:
             while True:

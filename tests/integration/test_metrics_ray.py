@@ -22,13 +22,14 @@ class _RecorderImpl:
 
         self.metrics = ray_metrics({"replica": replica})
 
-    def record(self) -> str:
+    def record(self) -> tuple[str, str]:
         m = self.metrics
         m.engine_state(num_running=3, num_waiting=1, kv_usage={"full_attention": 0.25})
         m.prefix_cache(num_queried_tokens=64, num_hit_tokens=0)  # a 0 increment must not raise
         m.request_finished(finished_reason="stop", num_prompt_tokens=10, num_generation_tokens=4,
                            e2e_s=0.5, ttft_s=0.05, inter_token_s=[0.01, 0.02])  # fmt: skip
-        return str(ray.get_runtime_context().get_node_id())
+        context = ray.get_runtime_context()
+        return str(context.get_node_id()), str(context.get_worker_id())
 
 
 _Recorder: Any = ray.remote(num_cpus=0)(_RecorderImpl)
@@ -39,8 +40,14 @@ def _scrape(port: int) -> str:
         return str(resp.read().decode())
 
 
-def _samples(text: str, name: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith(name + "{")]
+def _samples(text: str, name: str, worker_id: str = "") -> list[str]:
+    """Lines of `name`; with `worker_id`, only that process's (other tests' processes on the same
+    session cluster export the same names)."""
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith(name + "{") and f'WorkerId="{worker_id}"' in line
+    ]
 
 
 def test_each_node_exports_its_processes_under_catalog_names(ray_cluster: Any) -> None:
@@ -57,29 +64,32 @@ def test_each_node_exports_its_processes_under_catalog_names(ray_cluster: Any) -
         ).remote(f"attention-{i}")
         for i, n in enumerate(nodes)
     ]
-    assert ray.get([r.record.remote() for r in recorders]) == [n["NodeID"] for n in nodes]
+    recorded = ray.get([r.record.remote() for r in recorders])
+    assert [node for node, _ in recorded] == [n["NodeID"] for n in nodes]
+    workers = [worker for _, worker in recorded]
 
     running = BY_NAME["mimo_num_requests_running"].exported
     deadline = time.monotonic() + 40  # Ray's agents report every few seconds
     texts: list[str] = []
     while time.monotonic() < deadline:
         texts = [_scrape(n["MetricsExportPort"]) for n in nodes]
-        if all(_samples(t, running) for t in texts) and all(
-            _samples(t, "ray_mimo_time_to_first_token_seconds_count") for t in texts
+        if all(_samples(t, running, w) for t, w in zip(texts, workers, strict=True)) and all(
+            _samples(t, "ray_mimo_time_to_first_token_seconds_count", w)
+            for t, w in zip(texts, workers, strict=True)
         ):
             break
         time.sleep(1)
-    for i, text in enumerate(texts):
+    for i, (text, worker) in enumerate(zip(texts, workers, strict=True)):
         # one node = one scrape target holding exactly its own process's series
-        [line] = _samples(text, running)
+        [line] = _samples(text, running, worker)
         assert f'replica="attention-{i}"' in line and line.endswith(" 3.0")
-        [kv] = _samples(text, BY_NAME["mimo_kv_cache_usage_perc"].exported)
+        [kv] = _samples(text, BY_NAME["mimo_kv_cache_usage_perc"].exported, worker)
         assert 'layer_type="full_attention"' in kv and kv.endswith(" 0.25")
-        [queries] = _samples(text, "ray_mimo_prefix_cache_queries_total")
+        [queries] = _samples(text, "ray_mimo_prefix_cache_queries_total", worker)
         assert queries.endswith(" 64.0")
-        assert _samples(text, "ray_mimo_prefix_cache_hits_total") == []  # nothing recorded for 0
-        [count] = _samples(text, "ray_mimo_inter_token_latency_seconds_count")
+        assert _samples(text, "ray_mimo_prefix_cache_hits_total", worker) == []  # nothing recorded for 0
+        [count] = _samples(text, "ray_mimo_inter_token_latency_seconds_count", worker)
         assert count.endswith(" 2.0")
-        [reason] = _samples(text, BY_NAME["mimo_request_success"].exported)
+        [reason] = _samples(text, BY_NAME["mimo_request_success"].exported, worker)
         assert 'finished_reason="stop"' in reason and reason.endswith(" 1.0")
         assert "mimo:" not in text

@@ -96,6 +96,13 @@ def test_zero_traffic_scales_down_to_the_minimum() -> None:
     assert changes == [(60.0, 2, "idle"), (125.0, 1, "idle")]
 
 
+def test_idle_scales_down_despite_the_trailing_ttft_of_the_load_that_ended() -> None:
+    """Catches a pool stuck at its peak size after the load: a PromQL TTFT p90 over a window of
+    minutes still reports the load's slow first tokens while nothing runs or waits."""
+    changes, _ = _replay(_ticks(0, 200, kv_demand=0.0, running=0, ttft_s=1.8), start=2)
+    assert changes == [(60.0, 1, "idle")]
+
+
 def test_missing_and_stale_metrics_hold() -> None:
     """Catches scaling on no data: with metrics missing or older than stale_after_s the size holds
     however alarming the last numbers; a gap also restarts the delay of a pending wish."""

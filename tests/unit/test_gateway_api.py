@@ -260,26 +260,36 @@ def test_body_limit_health_ready_models(server: LocalServer) -> None:
     assert httpx.post(f"{server.url}/chat/completions", json=big, timeout=30).status_code == 413
 
 
-def test_cancelled_streams_free_every_kv_block(server: LocalServer, client: openai.OpenAI) -> None:
-    """Catches aborted streams leaking KV blocks or engine requests."""
-    for _ in range(3):
+def test_cancelled_streams_abort_their_requests_and_free_every_kv_block(
+    server: LocalServer, client: openai.OpenAI
+) -> None:
+    """Catches closed streams whose engine requests run on to max_tokens (nobody aborts them; the
+    generator is left suspended) or leak KV blocks, whether the client leaves right after the
+    first event (before any token) or after a few tokens."""
+    import time
+
+    engine = server.engine
+    steps_before = engine.snapshot().num_steps
+    max_tokens = 900  # ignore_eos: a request that is not aborted takes >= 900 engine steps
+    for num_events in (1, 4, 1, 4):
         stream = client.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "Write a long story."}],
-            max_tokens=200,
+            max_tokens=max_tokens,
             stream=True,
+            extra_body={"ignore_eos": True},
         )
-        next(iter(stream))
+        events = iter(stream)
+        for _ in range(num_events):
+            next(events)
         stream.close()
-    engine = server.engine
-    import time
-
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (engine.num_streams or engine.snapshot().num_running):
         time.sleep(0.05)
     snap = engine.snapshot()
     assert engine.num_streams == 0 and snap.num_running == 0 and snap.num_waiting == 0
     assert snap.kv_usage == {"full": 0.0, "swa": 0.0}
+    assert snap.num_steps - steps_before < max_tokens  # every request was aborted, none ran out
 
 
 def test_api_keys_and_rate_limits(tiny: tuple[object, Tokenizer], tmp_path: Path) -> None:

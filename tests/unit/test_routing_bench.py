@@ -3,6 +3,8 @@ gives Ray's prefix router the prompt (benchmarks/routing_trace.py, benchmarks/ra
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from benchmarks.routing_trace import (
@@ -129,11 +131,15 @@ def test_ray_router_sees_the_token_prompt() -> None:
 
     assert prompt_text([65, 0xD800, 0x10000], None) == "A" + chr(0xE000) + chr(0x10800)
     assert prompt_text([1, 2], "tenant") == "tenant\x00\x01\x02"
-    request = PendingRequest(
-        args=[],
-        kwargs={"prompt_token_ids": [72, 105], "salt": None, "params": {}, "request_id": "r"},
-        metadata=RequestMetadata(request_id="r", internal_request_id="i"),
-    )
+
+    async def pending() -> PendingRequest:  # its future needs a running loop, as in the router
+        return PendingRequest(
+            args=[],
+            kwargs={"prompt_token_ids": [72, 105], "salt": None, "params": {}, "request_id": "r"},
+            metadata=RequestMetadata(request_id="r", internal_request_id="i"),
+        )
+
+    request = asyncio.run(pending())
     view = with_prompt(request)
     assert view is not None and view.args == [PromptArg("Hi")]
     assert view.kwargs is request.kwargs and view.future is request.future and request.args == []
