@@ -82,7 +82,7 @@ def make_spec(args: argparse.Namespace, policy: str = "prefix", port: int = 8000
             "attention": {"num_replicas": args.replicas, "max_replicas": args.replicas, "num_cpus": 1},
             "experts": {"transport": "local"},
             "router": {"policy": policy},
-            "gateway": {"port": port, "proxy_location": "HeadOnly"},
+            "gateway": {"port": port, "proxy_location": "HeadOnly", "num_replicas": args.gateway_replicas},
             "autoscaling": {"enabled": False},
         }
     )
@@ -422,6 +422,12 @@ def main() -> None:
     parser.add_argument("--arrival-interval-s", type=float, default=0.5, help="between session starts")
     parser.add_argument("--max-tokens", type=int, default=24)
     parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument(
+        "--gateway-replicas",
+        type=int,
+        default=1,
+        help="Gateway replicas of the Serve harness (the worker harness has one per worker)",
+    )
     parser.add_argument("--kv-cache-mib", type=int, default=24)
     parser.add_argument("--settle-s", type=float, default=2.0, help="idle time before each run")
     parser.add_argument("--policies", nargs="+", default=list(ALL_POLICIES), choices=ALL_POLICIES)
@@ -451,7 +457,7 @@ def main() -> None:
                 "arrival_interval_s": args.arrival_interval_s,
                 "max_tokens": args.max_tokens, "greedy": True, "ignore_eos": True,
             },
-            "replicas": args.replicas, "engine": spec.engine.model_dump(), "experts": "in process",
+            "replicas": args.replicas, "gateway_replicas": args.gateway_replicas, "engine": spec.engine.model_dump(), "experts": "in process",
             "runs": args.runs, "statistic": "median over runs",
             "hit_rate": "sum(usage.prompt_tokens_details.cached_tokens) / sum(usage.prompt_tokens)",
             "ttft": "client-side, request sent -> first streamed chunk with a choice",

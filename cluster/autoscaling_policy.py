@@ -121,15 +121,15 @@ class MimoAutoscalingPolicy:
     ) -> None:
         self.config = scaling_config_from_dict(scaling)
         self.attention_deployment = attention_deployment
-        self.poller = (
-            BackgroundPoller(PrometheusSource(prometheus_url).fetch, poll_interval_s)
-            if prometheus_url
-            else None
-        )
+        self.source = PrometheusSource(prometheus_url, require_replicas=True) if prometheus_url else None
+        self.poller = BackgroundPoller(self.source.fetch, poll_interval_s) if self.source else None
         self.metrics: Metrics | None = None
         self._record_metrics = record_metrics
 
     def _snapshots(self, ctx: Any) -> Snapshots:
+        if self.source is not None:  # the next poll reads gauges of these replicas only
+            running = getattr(ctx, "running_replicas", None) or []
+            self.source.replicas = tuple(r.unique_id for r in running) or None
         polled = self.poller.latest() if self.poller else None
         served = snapshots_from_serve_stats(ctx.aggregated_metrics, ctx.raw_metrics)
         if polled is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import urllib.error
 import urllib.parse
@@ -27,16 +28,27 @@ _RUNNING = BY_NAME["mimo_num_requests_running"].exported
 _TTFT_BUCKET = BY_NAME["mimo_time_to_first_token_seconds"].series[0]
 _BUSY = BY_NAME["mimo_expert_shard_busy_ratio"].exported
 
-# one PromQL query per snapshot field; Ray exports one series per process (WorkerId label)
-PROMQL: Mapping[str, str] = {
-    "observed_s": f"max(timestamp({_RUNNING}))",
-    "kv_usage": f"avg(max by (replica) ({_KV}))",
-    "num_waiting": f"sum({_WAITING})",
-    "num_running": f"sum({_RUNNING})",
+# one PromQL query per snapshot field; Ray exports one series per process (WorkerId label) and keeps
+# exporting a dead process's last gauge values, so gauges are read only for the live replicas
+# (`{sel}` becomes a `replica=~"..."` matcher); rates of counters need no filter (dead ones are flat)
+_TEMPLATES: Mapping[str, str] = {
+    "observed_s": f"max(timestamp({_RUNNING}{{sel}}))",
+    "kv_usage": f"avg(max by (replica) ({_KV}{{sel}}))",
+    "num_waiting": f"sum({_WAITING}{{sel}})",
+    "num_running": f"sum({_RUNNING}{{sel}})",
     "ttft_p90_s": f"histogram_quantile(0.9, sum by (le) (rate({_TTFT_BUCKET}[1m])))",
     "expert_observed_s": f"max(timestamp({_BUSY}))",
     "expert_busy_ratio": f"avg({_BUSY})",
 }
+
+
+def promql(replicas: Sequence[str] | None = None) -> dict[str, str]:
+    """The queries, restricted to `replicas` (Serve replica unique ids) when given."""
+    sel = "" if not replicas else '{replica=~"' + "|".join(re.escape(r) for r in sorted(replicas)) + '"}'
+    return {field: template.replace("{sel}", sel) for field, template in _TEMPLATES.items()}
+
+
+PROMQL: Mapping[str, str] = promql()
 
 # keys an Attention replica's `record_autoscaling_stats()` returns (floats; omit a key for no data)
 STAT_KV_USAGE = "kv_usage"  # fullest pool's used fraction, 0..1
@@ -97,16 +109,19 @@ def snapshots_from_values(values: Mapping[str, float | None]) -> Snapshots:
 class PrometheusSource:
     """Runs the PROMQL queries against one Prometheus; any failure makes that field None."""
 
-    def __init__(self, base_url: str, timeout_s: float = 2.0, queries: Mapping[str, str] = PROMQL) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 2.0, require_replicas: bool = False) -> None:
         self.base_url = base_url
         self.timeout_s = timeout_s
-        self.queries = dict(queries)
+        self.replicas: tuple[str, ...] | None = None  # the live replicas; set by the policy each tick
+        self.require_replicas = require_replicas  # no snapshot until `replicas` is known
         self.last_error: str | None = None
 
     def fetch(self) -> Snapshots:
+        if self.require_replicas and self.replicas is None:
+            return Snapshots(None, None)  # unfiltered gauges could be a dead application's
         values: dict[str, float | None] = {}
         self.last_error = None
-        for field, query in self.queries.items():
+        for field, query in promql(self.replicas).items():
             try:
                 values[field] = query_prometheus(self.base_url, query, self.timeout_s)
             except (OSError, urllib.error.URLError, PrometheusError, ValueError, KeyError) as e:

@@ -153,3 +153,15 @@ def test_promql_source_parses_values_nan_and_errors(prometheus: str) -> None:
     _FakePrometheus.answers = {}
     assert PrometheusSource(prometheus).fetch().attention is None
     assert PrometheusSource("http://127.0.0.1:9").fetch().attention is None  # nothing listening
+
+
+def test_gauges_are_read_for_the_live_replicas_only() -> None:
+    """Catches the policy summing a dead replica's last exported gauges (Ray keeps exporting them):
+    a killed replica's `running 3` would block every scale-down."""
+    from cluster.metrics_source import promql
+
+    queries = promql(["r2", "r1"])
+    assert queries["num_waiting"] == 'sum(ray_mimo_num_requests_waiting{replica=~"r1|r2"})'
+    assert queries["kv_usage"] == 'avg(max by (replica) (ray_mimo_kv_cache_usage_perc{replica=~"r1|r2"}))'
+    assert queries["ttft_p90_s"] == PROMQL["ttft_p90_s"]  # a rate: dead counters are flat
+    assert promql(None) == dict(PROMQL)
