@@ -16,7 +16,7 @@ from gateway.engine_client import EngineError
 from gateway.fanout import EngineCall, FanOut
 from gateway.params import check_prompt, engine_params
 from gateway.schemas import ChatCompletionRequest
-from gateway.sse import EventStream, sse_done, sse_event, usage_body
+from gateway.sse import EventStream, sse_done, sse_error, sse_event, usage_body
 
 if TYPE_CHECKING:
     from gateway.api import Gateway
@@ -129,16 +129,7 @@ async def _stream(
             )
         async for index, chunk in fanout.chunks():
             if chunk.error:
-                yield sse_event(
-                    {
-                        "error": {
-                            "message": f"generation failed: {chunk.error}",
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                )
+                yield sse_error(f"generation failed: {chunk.error}")
                 continue
             delta = assemblers[index].push(chunk, body.logprobs)
             if chunk.finish_reason is not None:
@@ -163,9 +154,7 @@ async def _stream(
             yield sse_event({**head, "choices": [], "usage": usage_body(*usage)})
         yield sse_done()
     except EngineError as e:
-        yield sse_event(
-            {"error": {"message": e.message, "type": "server_error", "param": e.param, "code": None}}
-        )
+        yield sse_error(e.message, e.param)
         yield sse_done()
     finally:
         await fanout.close()  # a stream closed early (client gone) aborts its engine requests

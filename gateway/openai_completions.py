@@ -16,7 +16,7 @@ from gateway.errors import APIError
 from gateway.fanout import EngineCall, FanOut
 from gateway.params import check_prompt, engine_params
 from gateway.schemas import CompletionRequest
-from gateway.sse import EventStream, sse_done, sse_event, usage_body
+from gateway.sse import EventStream, sse_done, sse_error, sse_event, usage_body
 from mimo.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -123,16 +123,7 @@ async def _stream(
                 )
         async for index, chunk in fanout.chunks():
             if chunk.error:
-                yield sse_event(
-                    {
-                        "error": {
-                            "message": f"generation failed: {chunk.error}",
-                            "type": "server_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                )
+                yield sse_error(f"generation failed: {chunk.error}")
                 continue
             lp = _logprobs(state.tokenizer, chunk, offsets[index]) if body.logprobs is not None else None
             offsets[index] += len(chunk.text)
@@ -154,9 +145,7 @@ async def _stream(
             )
         yield sse_done()
     except EngineError as e:
-        yield sse_event(
-            {"error": {"message": e.message, "type": "server_error", "param": e.param, "code": None}}
-        )
+        yield sse_error(e.message, e.param)
         yield sse_done()
     finally:
         await fanout.close()  # a stream closed early (client gone) aborts its engine requests

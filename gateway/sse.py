@@ -31,6 +31,11 @@ def sse_event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def sse_error(message: str, param: str | None = None) -> str:
+    """An error inside a started stream (the status line is already sent): OpenAI's error object."""
+    return sse_event({"error": {"message": message, "type": "server_error", "param": param, "code": None}})
+
+
 def sse_done() -> str:
     return "data: [DONE]\n\n"
 
