@@ -46,7 +46,13 @@ class EngineSpec(_Spec):
     num_mtp_drafts: int = Field(0, ge=0, le=3, description="MTP draft tokens per step (0 = off)")
     enable_prefix_cache: bool = Field(True, description="reuse KV blocks of equal prefixes")
     max_queued_requests: int = Field(256, ge=1, description="waiting requests per replica before 503")
-    threads: int = Field(1, ge=1, description="torch intra-op threads per replica")
+    threads: int = Field(
+        1,
+        ge=1,
+        description="torch intra-op threads per replica; the cluster runs OMP_WAIT_POLICY=PASSIVE (idle "
+        "threads sleep, so they never starve a co-located shard), which makes each parallel op of a "
+        "multi-thread replica pay a wake-up: 2 threads decoded one sequence 3x slower than 1 on 2 cores",
+    )
 
 
 class AttentionSpec(_Spec):

@@ -65,8 +65,12 @@ class Experts(nn.Module):
         h, inter = config.hidden_size, config.moe_intermediate_size
         self.expert_ids = tuple(ids)
         self.intermediate_size = inter
-        self.gate_up_proj = nn.Parameter(torch.empty(len(ids), 2 * inter, h))
-        self.down_proj = nn.Parameter(torch.empty(len(ids), h, inter))
+        # Shapes are the hub's ([E, 2I, H], [E, H, I]); storage is transposed ("bmm-friendly"), so
+        # `w.transpose(1, 2)` in the batched matmuls is contiguous: 1.3-2x faster bmm on CPU.
+        self.gate_up_proj = nn.Parameter(_bmm_friendly(torch.empty(len(ids), h, 2 * inter).transpose(1, 2)))
+        self.down_proj = nn.Parameter(_bmm_friendly(torch.empty(len(ids), inter, h).transpose(1, 2)))
+        # load_state_dict(assign=True) installs the checkpoint's contiguous tensors: lay them out again
+        self.register_load_state_dict_post_hook(_relayout_after_load)
         # global expert id -> local slot (-1: not held); on the CPU even when built on meta. The extra
         # last entry is the id dispatchers use for "this pair is computed elsewhere" (NOT_HERE).
         local = torch.full((config.num_experts + 1,), -1, dtype=torch.long, device="cpu")
@@ -147,6 +151,23 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         return self.experts(flat, self.gate(flat)).view_as(x)
+
+
+def _bmm_friendly(weight: torch.Tensor) -> torch.Tensor:
+    """[E, a, b] with storage laid out as [E, b, a] (same values)."""
+    if weight.transpose(1, 2).is_contiguous():
+        return weight
+    return weight.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _relayout_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    assert isinstance(module, Experts)
+    for name in ("gate_up_proj", "down_proj"):
+        param = getattr(module, name)
+        if not param.transpose(1, 2).is_contiguous():
+            setattr(
+                module, name, nn.Parameter(_bmm_friendly(param.detach()), requires_grad=param.requires_grad)
+            )
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mimo.moe import MoE
-from replicas.dispatch import ExpertDispatcher
+from replicas.dispatch import HOST_ROUTING_MAX_PAIRS, ExpertDispatcher
 from replicas.expert_placement import initial_placement, rebalance
 from replicas.expert_shard import ExpertShard
 from replicas.transport_local import InProcessTransport
@@ -22,9 +22,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn
     return path, write_random_checkpoint(path, random_config_dict())
 
 
+@pytest.mark.parametrize("num_rows", [37, 300])  # routed on the host / on the device
 @pytest.mark.parametrize(("num_shards", "num_redundant"), [(1, 0), (2, 0), (4, 0), (4, 4)])
 def test_dispatched_moe_equals_in_model(
-    checkpoint: tuple[Path, torch.nn.Module], num_shards: int, num_redundant: int
+    checkpoint: tuple[Path, torch.nn.Module], num_shards: int, num_redundant: int, num_rows: int
 ) -> None:
     """Catches rows sent to the wrong shard, a pair computed twice by two copies, or a lost pair."""
     path, model = checkpoint
@@ -45,7 +46,8 @@ def test_dispatched_moe_equals_in_model(
     for s, shard in enumerate(shards):
         assert shard.keys == placement.experts_of_shard(s)
     dispatcher = ExpertDispatcher(InProcessTransport(shards), placement, 16)
-    x = torch.randn(37, config.hidden_size, generator=gen)
+    x = torch.randn(num_rows, config.hidden_size, generator=gen)
+    assert (num_rows * config.num_experts_per_tok <= HOST_ROUTING_MAX_PAIRS) == (num_rows == 37)
     for layer in moe_layers:
         moe = model.model.layers[layer].mlp
         assert isinstance(moe, MoE)
@@ -82,3 +84,29 @@ def test_switch_waits_for_calls_routed_by_the_old_table(checkpoint: tuple[Path, 
     later = dispatcher.submit(moe_layers[0], x, moe.gate(x))  # a new-table call never blocks a switch
     assert dispatcher.wait_for_old_calls(timeout_s=0.05) is True
     dispatcher.collect(later, x)
+
+
+def test_host_routing_assigns_pairs_exactly_as_device_routing(
+    checkpoint: tuple[Path, torch.nn.Module],
+) -> None:
+    """Catches the host path (small calls) sending a pair to another copy than the device path would:
+    same shards, rows, masked ids and weights, with redundant copies splitting hot experts."""
+    _path, model = checkpoint
+    moe_layers = [i for i, m in enumerate(model.config.is_moe_layer) if m]
+    hot = {(layer, e): 10.0 if e < 3 else 1.0 for layer in moe_layers for e in range(16)}
+    placement = rebalance(hot, moe_layers, 16, 4, 6)
+    dispatcher = ExpertDispatcher(InProcessTransport([]), placement, 16)
+    table = dispatcher._tables[moe_layers[0]]
+    moe = model.model.layers[moe_layers[0]].mlp
+    assert isinstance(moe, MoE)
+    gen = torch.Generator().manual_seed(1)
+    for num_rows in (1, 2, 9, 40):
+        x = torch.randn(num_rows, model.config.hidden_size, generator=gen)
+        routing = moe.gate(x)
+        host = dispatcher._messages_on_host(table, x, routing)
+        device = dispatcher._messages_on_device(table, x, routing)
+        assert [m.shard for m in host] == [m.shard for m in device]
+        for h, d in zip(host, device, strict=True):
+            assert h.rows.tolist() == d.rows.tolist()
+            assert h.expert_ids.tolist() == d.expert_ids.tolist()
+            assert torch.equal(h.x, d.x) and torch.equal(h.weights, d.weights)
