@@ -12,8 +12,9 @@ traffic (no TTFT samples, empty KV) is data and scales down to the minimum.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,9 @@ class AttentionSnapshot:
 class ExpertSnapshot:
     observed_s: float
     busy_ratio: float  # mean over shards of the fraction of time spent computing, 0..1
+
+
+_Snapshot = TypeVar("_Snapshot", AttentionSnapshot, ExpertSnapshot)
 
 
 @dataclass(frozen=True)
@@ -197,20 +201,27 @@ def _guard(
 def decide_attention(
     snapshot: AttentionSnapshot | None, current: int, now_s: float, config: ScalingConfig, state: PoolState
 ) -> Decision:
-    guard = _guard(snapshot.observed_s if snapshot else None, current, config.attention, now_s, config, state)
-    if guard is not None or snapshot is None:
-        assert guard is not None
-        return guard
-    return _settle(
-        _attention_wish(snapshot, current, config), current, config.attention, now_s, config, state
-    )
+    return _decide(snapshot, _attention_wish, current, config.attention, now_s, config, state)
 
 
 def decide_experts(
     snapshot: ExpertSnapshot | None, current: int, now_s: float, config: ScalingConfig, state: PoolState
 ) -> Decision:
-    guard = _guard(snapshot.observed_s if snapshot else None, current, config.experts, now_s, config, state)
-    if guard is not None or snapshot is None:
-        assert guard is not None
+    return _decide(snapshot, _expert_wish, current, config.experts, now_s, config, state)
+
+
+def _decide(
+    snapshot: _Snapshot | None,
+    wish: Callable[[_Snapshot, int, ScalingConfig], _Wish],
+    current: int,
+    limits: PoolLimits,
+    now_s: float,
+    config: ScalingConfig,
+    state: PoolState,
+) -> Decision:
+    """Guard (missing, stale, out of bounds, cooling down), else settle the pool's wish."""
+    guard = _guard(snapshot.observed_s if snapshot else None, current, limits, now_s, config, state)
+    if guard is not None:
         return guard
-    return _settle(_expert_wish(snapshot, current, config), current, config.experts, now_s, config, state)
+    assert snapshot is not None  # _guard holds on a missing snapshot
+    return _settle(wish(snapshot, current, config), current, limits, now_s, config, state)
