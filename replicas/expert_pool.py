@@ -8,6 +8,8 @@ fans one message per shard out as async actor calls, each carrying one packed fp
 tensors. Ray compiled graphs (`experimental_compile`) would cut a call to ~1/3, but an actor runs
 one compiled graph at a time, only its compiling process may call it and an actor death shuts the
 graph down: no M-to-N sharing, no EPLB calls beside it, no restart-and-retry. They are not used.
+Shard actors run as batch workers (`cpu_policy.py`): on cores shared with attention replicas a
+woken shard waits for the dispatcher's fan-out to finish instead of preempting it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from replicas.cpu_policy import run_as_batch_worker
 from replicas.dispatch import ExpertDispatcher, ExpertTransport, ShardMessage
 from replicas.expert_placement import ExpertKey, ExpertPlacement
 from replicas.expert_shard import ExpertShard
@@ -38,6 +41,7 @@ class ExpertShardActor:
 
     def __init__(self, path: str, keys: list[ExpertKey], dtype: str, threads: int) -> None:
         torch.set_num_threads(threads)
+        run_as_batch_worker()  # a woken shard does not preempt the attention replica's fan-out
         self.path = path
         self.dtype = getattr(torch, dtype)
         self.shard = ExpertShard.load(path, keys, self.dtype)

@@ -6,8 +6,9 @@ receives one message per MoE layer and sends the partial output back. A message 
 [1 + rows, H + 2k]: row 0 is the header (layer, rows), rows 1.. are the packed rows (`wire.py`). The shard receives into a preallocated buffer of `capacity` rows (gloo
 accepts a shorter message than the buffer); both sides grow the capacity in lockstep, announced
 by a header-only GROW message, so steady-state decode costs one send and one receive per shard per
-layer (a separate header message cost a second wake-up of the shard per layer). A header with layer
-STOP ends the loop. One process group serves one attention replica; M-to-N sharing goes through
+layer (a separate header message cost a second wake-up of the shard per layer). The shard process
+runs as a batch worker (`cpu_policy.py`) so its wake-up never preempts rank 0 mid-fan-out. A header
+with layer STOP ends the loop. One process group serves one attention replica; M-to-N sharing goes through
 the Ray transport.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from replicas.cpu_policy import run_as_batch_worker
 from replicas.dispatch import ExpertTransport, ShardMessage
 from replicas.expert_shard import ExpertShard
 from replicas.wire import pack_into, unpack
@@ -37,7 +39,9 @@ def grown(capacity: int, rows: int) -> int:
 
 
 def serve_shard(shard: ExpertShard, hidden_size: int) -> int:
-    """Runs in the shard's process (rank >= 1) until rank 0 sends STOP; returns messages served."""
+    """Runs in the shard's process (rank >= 1, after `init_group`) until rank 0 sends STOP; returns
+    messages served."""
+    run_as_batch_worker()  # after init_group: gloo's receive thread is one of the threads changed
     top_k = shard.config.num_experts_per_tok
     width = hidden_size + 2 * top_k
     capacity = INITIAL_CAPACITY
