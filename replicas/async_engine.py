@@ -4,7 +4,7 @@ One background thread owns the `Engine` and steps it while there is work; caller
 loop get their chunks through per-request queues (`call_soon_threadsafe`), so the event loop never
 blocks on a forward pass. Closing a stream early (client gone, task cancelled) aborts the request
 and frees its KV blocks. Invalid requests raise `InvalidRequest` from `submit` before streaming.
-After every step the thread publishes an `EngineSnapshot` (load and KV usage) and buffers the prefix
+Chunks already queued when the consumer asks are merged into one. After every step the thread publishes an `EngineSnapshot` (load and KV usage) and buffers the prefix
 cache's block events, both readable from any thread, for the router and the metrics.
 """
 
@@ -62,12 +62,23 @@ class AsyncEngine:
         return self._iterate(request.request_id, stream)
 
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncGenerator[Chunk, None]:
+        """Chunks that piled up while the consumer was busy go out as one: no token waits for it
+        (all of them are here already), and a consumer that pays per item (a Serve stream, an SSE
+        event) pays once per backlog instead of once per token, so it catches up instead of falling
+        further behind the engine."""
         finished = False
+        error: BaseException | None = None
         try:
             while True:
-                item = await stream.queue.get()
+                item = error or await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                while item.finish_reason is None and not stream.queue.empty():
+                    later = stream.queue.get_nowait()
+                    if isinstance(later, BaseException):
+                        error = later  # raised after what came before it
+                        break
+                    item = item.followed_by(later)
                 yield item
                 if item.finish_reason is not None:
                     finished = True

@@ -63,6 +63,23 @@ class Chunk:
     logprobs: TokenLogprobs | None = None
     error: str | None = None
 
+    def followed_by(self, later: Chunk) -> Chunk:
+        """This chunk and the next one of the same request as one chunk (this one not finishing)."""
+        assert later.request_id == self.request_id and self.finish_reason is None
+        logprobs = self.logprobs
+        if later.logprobs is not None:
+            logprobs = (
+                later.logprobs
+                if logprobs is None
+                else TokenLogprobs(
+                    logprobs.logprobs + later.logprobs.logprobs, logprobs.top + later.logprobs.top
+                )
+            )
+        return Chunk(
+            self.request_id, self.token_ids + later.token_ids, self.text + later.text, later.finish_reason,
+            later.usage, logprobs, later.error,
+        )  # fmt: skip
+
 
 @dataclass
 class _Live:

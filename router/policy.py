@@ -3,8 +3,10 @@
 score = prefix_weight * cached_prefix_blocks - load_weight * num_requests - kv_weight * kv_usage
 (blocks, not tokens: the spec's unit). A replica whose report is missing or older than
 `stale_after_s` adds no prefix or KV term; when no candidate is fresh the ranking is plain least
-loaded. Equal scores are ordered by a rendezvous hash of (the prompt's first block, replica id):
-deterministic, so every gateway sends a cold prefix to the same replica, and spread over replicas.
+loaded. Equal scores go first to the replica holding the fewest cached blocks (a prompt nobody
+caches lands where it evicts the least and spreads distinct prefixes, so one replica does not end
+up the home of most sessions), then by a rendezvous hash of (the prompt's first block, replica id):
+deterministic, since every gateway's view converges to the same block sets.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Candidate:
     num_requests: int  # running + waiting + in flight, best estimate
     kv_usage: float  # 0..1 from the last report
     is_fresh: bool  # a report younger than stale_after_s
+    num_held_blocks: int = 0  # cached GA blocks the replica holds (its events; guesses excluded)
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,13 @@ def rank_prefix(candidates: Sequence[Candidate], config: RouterConfig, tie_key: 
     else:  # least loaded whatever the weights are
         scores = {c.replica_id: -float(c.num_requests) for c in candidates}
     ordered = sorted(
-        candidates, key=lambda c: (-scores[c.replica_id], rendezvous_key(tie_key, c.replica_id), c.replica_id)
+        candidates,
+        key=lambda c: (
+            -scores[c.replica_id],
+            c.num_held_blocks,
+            rendezvous_key(tie_key, c.replica_id),
+            c.replica_id,
+        ),
     )
     top = ordered[0]
     return RouteDecision(

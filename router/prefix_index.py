@@ -170,6 +170,11 @@ class PrefixIndex:
         view = self._views.get(replica_id)
         return view is not None and view.report is not None and view.is_compatible and view.cursor is not None
 
+    def num_held_blocks(self, replica_id: str) -> int:
+        """GA blocks the replica's events say it holds (no guesses: every router agrees on it)."""
+        view = self._views.get(replica_id)
+        return 0 if view is None else len(view.full)
+
     def view_state(self, replica_id: str) -> ViewState:
         view = self._views.get(replica_id, _View())
         return ViewState(view.epoch, view.cursor, frozenset(view.full), frozenset(view.swa))

@@ -212,7 +212,8 @@ class PrefixAwareRequestRouter(RequestRouter):
             num_requests = max(reported, self._in_flight[replica_id], queue_len)
             cached = self.index.matched_blocks(replica_id, hashes, num_tokens, now) if hashes else 0
             kv_usage = load.kv_usage if load is not None else 0.0
-            candidates.append(Candidate(replica_id, cached, num_requests, kv_usage, is_fresh))
+            held = self.index.num_held_blocks(replica_id) if is_fresh else 0
+            candidates.append(Candidate(replica_id, cached, num_requests, kv_usage, is_fresh, held))
         return candidates
 
     def _note_routed(self, pending_request: PendingRequest, replica_id: str, hashes: Sequence[int]) -> None:

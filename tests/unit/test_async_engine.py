@@ -7,9 +7,10 @@ import asyncio
 import pytest
 
 from replicas.async_engine import AsyncEngine
-from replicas.engine import Engine, GenerateRequest, InvalidRequest
+from replicas.engine import Chunk, Engine, GenerateRequest, InvalidRequest
 from replicas.engine_config import EngineConfig
-from tests.unit.test_engine import _greedy, _model, _reference, _tokenizer
+from replicas.sampling_params import SamplingParams
+from tests.unit.test_engine import NEW_TOKENS, _greedy, _model, _reference, _tokenizer
 
 
 def _engine() -> AsyncEngine:
@@ -58,5 +59,39 @@ def test_invalid_request_raises_before_streaming() -> None:
     try:
         with pytest.raises(InvalidRequest):
             asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_a_slow_consumer_gets_the_backlog_as_one_chunk() -> None:
+    """Catches a slow consumer paying per token (falling further behind the engine), and merged chunks
+    that lose or reorder tokens, text or logprobs, or drop the finish reason and usage."""
+    engine = _engine()
+    prompt = [5, 6, 7]
+
+    async def consume(delay_s: float) -> list[Chunk]:
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2)
+        chunks = []
+        async for chunk in await engine.submit(GenerateRequest(f"r{delay_s}", prompt, params)):
+            chunks.append(chunk)
+            await asyncio.sleep(delay_s)  # the engine runs on meanwhile
+        return chunks
+
+    try:
+        eager = asyncio.run(consume(0.0))
+        slow = asyncio.run(consume(0.2))
+        assert len(slow) < len(eager) and any(len(c.token_ids) > 1 for c in slow)
+        for chunks in (eager, slow):
+            tokens = [t for c in chunks for t in c.token_ids]
+            assert tokens == _reference(tuple(prompt))
+            assert "".join(c.text for c in chunks) == "".join(c.text for c in eager)
+            logprobs = [lp for c in chunks if c.logprobs for lp in c.logprobs.logprobs]
+            top = [row for c in chunks if c.logprobs for row in c.logprobs.top]
+            assert len(logprobs) == len(top) == len(tokens)
+            assert [c.finish_reason is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
+            assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == NEW_TOKENS
+        assert [lp for c in slow if c.logprobs for lp in c.logprobs.logprobs] == pytest.approx(
+            [lp for c in eager if c.logprobs for lp in c.logprobs.logprobs]
+        )
     finally:
         engine.shutdown()

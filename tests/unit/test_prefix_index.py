@@ -185,6 +185,8 @@ def test_guesses_count_until_confirmed_evicted_or_expired() -> None:
     index.drop_guesses("r", HASHES)  # the request went to another replica after all
     assert index.num_guesses("r", now=11.0) == 0
     assert index.matched_blocks("r", HASHES, len(PROMPT), now=11.0) == 2
+    assert index.num_held_blocks("r") == 2  # the tie-break counts confirmed blocks, never guesses
+    assert index.num_held_blocks("unknown") == 0
 
 
 def test_salted_prompts_never_match_other_tenants() -> None:

@@ -24,9 +24,9 @@ CONFIG = RouterConfig(block_size=16, prefix_weight=1.0, load_weight=4.0, kv_weig
 
 
 def cand(
-    replica_id: str, cached: int = 0, requests: int = 0, kv: float = 0.0, fresh: bool = True
+    replica_id: str, cached: int = 0, requests: int = 0, kv: float = 0.0, fresh: bool = True, held: int = 0
 ) -> Candidate:
-    return Candidate(replica_id, cached, requests, kv, fresh)
+    return Candidate(replica_id, cached, requests, kv, fresh, held)
 
 
 def test_score_is_the_documented_linear_form() -> None:
@@ -75,6 +75,25 @@ def test_ties_are_deterministic_and_spread_over_replicas() -> None:
         assert forward.ranked == tuple(sorted(ids, key=lambda i: rendezvous_key(tie_key, i)))
         firsts[forward.ranked[0]] += 1
     assert set(firsts) == set(ids) and min(firsts.values()) >= 70
+
+
+def test_a_tie_goes_to_the_replica_caching_the_least() -> None:
+    """Catches cold prompts piling onto one replica: with scores equal, the replica holding fewer
+    cached blocks comes first whatever the rendezvous order says (sglang's smallest-tree rule);
+    held blocks never outweigh a score difference."""
+    for tie_key in range(50):
+        ranked = rank_prefix(
+            [cand("home", held=40), cand("empty"), cand("some", held=3)], CONFIG, tie_key
+        ).ranked
+        assert ranked == ("empty", "some", "home")
+    assert rank_prefix([cand("home", held=40), cand("busy", requests=1)], CONFIG, 0).ranked == (
+        "home",
+        "busy",
+    )
+    assert rank_prefix([cand("home", cached=1, held=40), cand("empty")], CONFIG, 0).ranked == (
+        "home",
+        "empty",
+    )
 
 
 def test_decision_reasons_name_what_decided() -> None:
