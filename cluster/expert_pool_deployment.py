@@ -47,7 +47,6 @@ class ExpertPoolDeployment:
             self.spec.model.dtype,
         )
         self.actors: list[Any] = list(self.pool.actors)
-        self.actors_before_switch: list[Any] = self.actors
         self.added: dict[int, Any] = {}  # shard index -> its own one-shard ExpertPool
         self.metrics = ray_metrics()
         self.tracker = LoadTracker()
@@ -143,7 +142,8 @@ class ExpertPoolDeployment:
         from replicas.expert_placement import ExpertPlacement, initial_placement, rebalance
         from replicas.expert_pool import ExpertPool, ShardResources
 
-        x, current = self.spec.experts, len(self.actors)
+        x, old_actors = self.spec.experts, list(self.actors)
+        current = len(old_actors)
         load = dict(self.tracker.load)
         redundant = min(x.num_redundant, self.num_experts * (n - 1))
         new = (
@@ -151,7 +151,7 @@ class ExpertPoolDeployment:
             if load
             else initial_placement(self.moe_layers, self.num_experts, n)
         )
-        actors = list(self.actors[:n])
+        actors = old_actors[:n]
         for shard in range(current, n):  # new shards start holding their experts
             one = ExpertPlacement(1, {key: (0,) for key in new.experts_of_shard(shard)})
             pool = await asyncio.to_thread(
@@ -172,7 +172,7 @@ class ExpertPoolDeployment:
                 else:
                     import ray
 
-                    ray.kill(self.actors_before_switch[shard])
+                    ray.kill(old_actors[shard])
 
     async def _switch(self, new: Any, actors: list[Any]) -> bool:
         """Loads `new` on `actors` beside traffic, publishes it, waits for every live attention
@@ -180,7 +180,6 @@ class ExpertPoolDeployment:
         async with self._change:
             keys = [new.experts_of_shard(s) for s in range(new.num_shards)]
             await asyncio.gather(*(a.prepare.remote(k) for a, k in zip(actors, keys, strict=True)))
-            self.actors_before_switch = self.actors
             self.placement, self.actors, self.version = new, actors, self.version + 1
             deadline = time.monotonic() + SWITCH_TIMEOUT_S
             while time.monotonic() < deadline and self._lagging():
