@@ -4,7 +4,8 @@ It loads only its own tensors from the checkpoint (memory-mapped; never the whol
 one grouped computation per message: rows [R, H] with each row's chosen expert ids and combine
 weights, where pairs computed on another shard carry the id `num_experts` (NOT_HERE). It returns
 the weighted partial sum over the pairs it owns, and counts tokens and compute time per expert.
-Plain class: `replicas/expert_actor.py` hosts it in a Ray actor, tests and the in-process transport
+Plain class: `ExpertShardActor` (`replicas/expert_pool.py`) hosts it in a Ray actor, the gloo shard
+loop (`replicas/transport_collective.py`) in a process, tests and the in-process transport
 call it directly.
 """
 
