@@ -164,15 +164,13 @@ class ExpertDispatcher:
                 masked.append(
                     [e if s == shard else self.num_experts for e, s in zip(row_ids, shards, strict=True)]
                 )
+        if len(per_shard) == 1:  # one shard holds every pair: the call's own tensors
+            (shard,) = per_shard
+            index = torch.arange(len(ids), device=x.device)
+            return [ShardMessage(shard, index, x, routing.expert_ids, routing.weights, is_every_row=True)]
         out = []
         for shard in sorted(per_shard):
             rows, masked = per_shard[shard]
-            if len(per_shard) == 1:  # one shard holds every pair: the call's own tensors
-                index = torch.arange(len(ids), device=x.device)
-                out.append(
-                    ShardMessage(shard, index, x, routing.expert_ids, routing.weights, is_every_row=True)
-                )
-                continue
             index = torch.tensor(rows, device=x.device)
             expert_ids = torch.tensor(masked, dtype=routing.expert_ids.dtype, device=x.device)
             out.append(ShardMessage(shard, index, x[index], expert_ids, routing.weights[index]))

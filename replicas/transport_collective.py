@@ -3,13 +3,14 @@ need the buffers on the GPU).
 
 The attention replica is rank 0; expert shard s is rank s + 1 and runs `serve_shard`, a loop that
 receives one message per MoE layer and sends the partial output back. A message is ONE fp32 tensor
-[1 + rows, H + 2k]: row 0 is the header (layer, rows), rows 1.. are the packed rows (`wire.py`). The shard receives into a preallocated buffer of `capacity` rows (gloo
-accepts a shorter message than the buffer); both sides grow the capacity in lockstep, announced
-by a header-only GROW message, so steady-state decode costs one send and one receive per shard per
-layer (a separate header message cost a second wake-up of the shard per layer). The shard process
-runs as a batch worker (`cpu_policy.py`) so its wake-up never preempts rank 0 mid-fan-out. A header
-with layer STOP ends the loop. One process group serves one attention replica; M-to-N sharing goes through
-the Ray transport.
+[1 + rows, H + 2k]: row 0 is the header (layer, rows), rows 1.. are the packed rows (`wire.py`).
+The shard receives into a preallocated buffer of `capacity` rows (gloo accepts a shorter message
+than the buffer); both sides grow the capacity in lockstep, announced by a header-only GROW
+message, so steady-state decode costs one send and one receive per shard per layer (a separate
+header message cost a second wake-up of the shard per layer). The shard process runs as a batch
+worker (`cpu_policy.py`) so its wake-up never preempts rank 0 mid-fan-out. A header with layer STOP
+ends the loop. One process group serves one attention replica; M-to-N sharing goes through the Ray
+transport.
 """
 
 from __future__ import annotations
