@@ -238,19 +238,25 @@ def compare(policies: Mapping[str, Mapping[str, Any]], oracle: str, ours: str) -
 
 
 def goal_check(
-    policies: Mapping[str, Mapping[str, Any]], oracle: str, ours: str, min_oracle_fraction: float = 0.95
+    policies: Mapping[str, Mapping[str, Any]],
+    oracle: str,
+    ours: str,
+    ceiling: float,
+    min_oracle_fraction: float = 0.95,
 ) -> dict[str, bool]:
-    """The issue's goals: hit rate >= 95% of the oracle's and above every peer; TTFT p99 the lowest
-    among the routers (the oracle is a reference, not a peer), overall and among the peers run on
-    the same harness (a row's "harness" key)."""
+    """The issue's goals over routers that face the same replicas: hit rate >= 95% of the oracle's
+    and above every peer (no router can exceed `ceiling`, one never-evicting cache, so a peer that
+    also reaches it ties: reported apart), TTFT p99 the lowest (the oracle is a reference, not a
+    peer)."""
     mine = policies[ours]
-    peers = {n: p for n, p in policies.items() if n not in (ours, oracle)}
-    same = [p for p in peers.values() if p.get("harness") == mine.get("harness")]
+    peers = [p for n, p in policies.items() if n not in (ours, oracle)]
+    at_ceiling = mine["hit_rate"] >= ceiling - 1e-9
     return {
         "hit_rate_at_least_95pct_of_oracle": oracle in policies
         and mine["hit_rate"] >= min_oracle_fraction * policies[oracle]["hit_rate"],
-        "hit_rate_above_every_peer": all(mine["hit_rate"] > p["hit_rate"] for p in peers.values()),
-        "ttft_p99_lowest": all(mine["ttft_p99_ms"] <= p["ttft_p99_ms"] for p in peers.values()),
-        # peers measured through the same serving path (TTFT includes that path's own hops)
-        "ttft_p99_lowest_same_harness": all(mine["ttft_p99_ms"] <= p["ttft_p99_ms"] for p in same),
+        "hit_rate_above_every_peer": all(mine["hit_rate"] > p["hit_rate"] for p in peers),
+        "hit_rate_at_ceiling": at_ceiling,
+        "hit_rate_above_every_peer_or_at_ceiling": at_ceiling
+        or all(mine["hit_rate"] > p["hit_rate"] for p in peers),
+        "ttft_p99_lowest": all(mine["ttft_p99_ms"] <= p["ttft_p99_ms"] for p in peers),
     }
