@@ -23,6 +23,9 @@ _PAIR_LOOP_MAX = 16
 _DENSE_MAX_ROW_EXPERTS = 512
 # Padded batched experts while E_local x max rows per expert stays within this many x the pairs.
 _PADDED_WASTE_MAX = 4
+# A small batch whose rows together chose at most this fraction of the local experts loops over
+# those experts (an MTP verify of 4 rows picks ~5 of 16: reading 5 experts' weights beats all 16).
+_UNION_MAX_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class Experts(nn.Module):
         # the same map with "not held" sent to an extra column (len(ids)) that `_dense` drops
         self.dense_column: torch.Tensor
         self.register_buffer("dense_column", torch.where(local >= 0, local, len(ids)), persistent=False)
+        self.local_ids: list[int] = local.tolist()  # local_index as a list, for host-side bookkeeping
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N, H] -> [N, H]: sum over the token's chosen experts held here of weight * expert(x)."""
@@ -93,6 +97,9 @@ class Experts(nn.Module):
             and num_rows * num_local <= _DENSE_MAX_ROW_EXPERTS
             and 2 * num_rows * top_k >= num_local
         ):
+            chosen = sorted({self.local_ids[e] for e in routing.expert_ids.view(-1).tolist()} - {-1})
+            if len(chosen) <= _UNION_MAX_FRACTION * num_local:
+                return self._union(x, routing, chosen)
             return self._dense(x, routing)
         local = self.local_index[routing.expert_ids].reshape(-1)  # [N*k], -1 where not held here
         if local.numel() <= _PAIR_LOOP_MAX and x.shape[0] == 1:
@@ -128,6 +135,24 @@ class Experts(nn.Module):
         return act.view(num_rows, num_local * inter) @ self.down_proj.transpose(1, 2).reshape(
             num_local * inter, -1
         )
+
+    def _union(self, x: torch.Tensor, routing: Routing, chosen: list[int]) -> torch.Tensor:
+        """Every row through each local expert that any row chose (weight 0 where that row did not):
+        reads only the chosen experts' weights, a few ops per expert."""
+        weights = x.new_zeros(x.shape[0], len(self.expert_ids) + 1).scatter_(
+            1, self.dense_column[routing.expert_ids], routing.weights.to(x.dtype)
+        )  # [N, E_local + 1]
+        if not chosen:
+            return torch.zeros_like(x)
+        out = None
+        for e in chosen:
+            act = self._swiglu(F.linear(x, self.gate_up_proj[e])).mul_(weights[:, e : e + 1])  # [N, I]
+            if out is None:
+                out = F.linear(act, self.down_proj[e])
+            else:
+                out.addmm_(act, self.down_proj[e].t())
+        assert out is not None
+        return out
 
     def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.split(self.intermediate_size, dim=-1)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from replicas.paged_model import PagedModel, SeqInput
+from replicas.paged_model import PagedModel, SeqInput, StepBatch
 
 
 @dataclass
@@ -63,26 +63,24 @@ class MTPDrafter:
     def run(self, items: Sequence[DraftItem]) -> list[list[int]]:
         """Advances every item's MTP caches; returns the drafts of items that want them."""
         drafts: list[list[int]] = [[] for _ in items]
+        spans = [self._spans(it) for it in items]
+        shared = self._shared_batch(items[0], spans[0]) if len(items) == 1 else None
         prev = [_Stage(it.main_hidden, it.main_start, it.main_final) for it in items]
         # carries for the next step; block k+1 still reads the old carry[k+1] in this step
         new_carry = [list(it.state.carry) for it in items]
         for k in range(self.num_drafts):
             seqs, inputs, owners = [], [], []
-            spans = []
             for idx, it in enumerate(items):
-                lo = it.state.final[k]
-                final_new = min(prev[idx].final, len(it.tokens) - 1 - k)
-                hi = it.main_final if it.want_drafts else final_new
-                spans.append((lo, final_new))
+                lo, _, hi = spans[idx][k]
                 if hi <= lo:
                     continue
                 inputs.append(self._stage_input(it.state.carry[k], prev[idx], lo, hi))
                 toks = [self._token(it, drafts[idx], i + k + 1) for i in range(lo, hi)]
                 seqs.append(SeqInput(toks, lo, (), it.swa_table))
                 owners.append(idx)
-            outs = self._forward(k, seqs, inputs, owners, items, drafts)
+            outs = self._forward(k, seqs, inputs, owners, items, drafts, shared)
             for idx, it in enumerate(items):
-                lo, final_new = spans[idx]
+                lo, final_new, _ = spans[idx][k]
                 hidden = outs.get(idx, it.main_hidden[:0])
                 stage = _Stage(hidden, lo, final_new)
                 it.state.final[k] = final_new
@@ -94,6 +92,24 @@ class MTPDrafter:
             it.state.carry = carry
         return drafts
 
+    def _spans(self, it: DraftItem) -> list[tuple[int, int, int]]:
+        """Per block: (lo, final, hi): it computes slots [lo, hi), of which [0, final) are then final."""
+        out = []
+        final = it.main_final  # the previous stage's final slots; the main model's for block 0
+        for k in range(self.num_drafts):
+            final = min(final, len(it.tokens) - 1 - k)
+            out.append((it.state.final[k], final, it.main_final if it.want_drafts else final))
+        return out
+
+    def _shared_batch(self, it: DraftItem, spans: list[tuple[int, int, int]]) -> tuple[int, StepBatch] | None:
+        """One sequence: every block computes a slot range inside [min lo, max hi), so the attention
+        metadata is built once for that range and narrowed per block. -> (first slot, batch)."""
+        live = [(lo, hi) for lo, _, hi in spans if hi > lo]
+        if not live:
+            return None
+        lo, hi = min(lo for lo, _ in live), max(hi for _, hi in live)
+        return lo, self.paged.prepare([SeqInput([0] * (hi - lo), lo, (), it.swa_table)], need_full=False)
+
     def _forward(
         self,
         k: int,
@@ -102,11 +118,16 @@ class MTPDrafter:
         owners: list[int],
         items: Sequence[DraftItem],
         drafts: list[list[int]],
+        shared: tuple[int, StepBatch] | None,
     ) -> dict[int, torch.Tensor]:
         if not seqs:
             return {}
-        batch = self.paged.prepare(seqs, need_full=False)
-        h_out = self.paged.mtp_forward(k, batch, torch.cat(inputs))
+        if shared is not None:
+            (seq,) = seqs
+            batch = self.paged.narrow(shared[1], seq.start_position - shared[0], seq.token_ids)
+        else:
+            batch = self.paged.prepare(seqs, need_full=False)
+        h_out = self.paged.mtp_forward(k, batch, inputs[0] if len(inputs) == 1 else torch.cat(inputs))
         ends = [*batch.row_starts[1:], h_out.shape[0]]
         outs = {}
         last_rows = []
@@ -115,22 +136,23 @@ class MTPDrafter:
             if items[idx].want_drafts:
                 last_rows.append((idx, end - 1))
         if last_rows:
-            logits = self.paged.mtp_logits(k, h_out[[r for _, r in last_rows]])
-            for (idx, _), token in zip(last_rows, logits.argmax(-1).tolist(), strict=True):
-                drafts[idx].append(int(token))
+            rows = [r for _, r in last_rows]
+            # one row (batch 1) is a slice; more rows one gather
+            last = h_out[rows[0] : rows[0] + 1] if len(rows) == 1 else h_out[rows]
+            tokens = self.paged.mtp_logits(k, last).argmax(-1).tolist()
+            for (idx, _), token in zip(last_rows, tokens, strict=True):
+                drafts[idx].append(token)
         return outs
 
     @staticmethod
     def _stage_input(carry: tuple[int, torch.Tensor] | None, prev: _Stage, lo: int, hi: int) -> torch.Tensor:
         """Previous-stage hidden for slots [lo, hi): this step's rows, led by the carry if lagging."""
-        parts = []
+        rows = prev.hidden[max(0, lo - prev.start) : hi - prev.start]
         if lo < prev.start:
             assert carry is not None and carry[0] == lo and lo == prev.start - 1, "MTP stage lag > 1 slot"
-            parts.append(carry[1])
-        parts.append(prev.hidden[max(0, lo - prev.start) : hi - prev.start])
-        out = torch.cat(parts)
-        assert out.shape[0] == hi - lo
-        return out
+            rows = torch.cat((carry[1], rows))
+        assert rows.shape[0] == hi - lo
+        return rows
 
     @staticmethod
     def _next_carry(

@@ -136,6 +136,25 @@ def build_batch(
     return AttentionBatch(torch.tensor(write, dtype=torch.long, device=device), groups)
 
 
+def narrow_queries(
+    batch: AttentionBatch, start: int, num_rows: int, num_kv_heads: int, group: int
+) -> AttentionBatch:
+    """Queries [start, start + num_rows) of a one-sequence batch (one group, rows in order), writing
+    only their K/V: the same keys are gathered, and their mask rows already hide every key they must
+    not see (later positions, or ones outside the window), so each query sees what a batch built for
+    these rows shows it; the extra keys get weight exactly 0."""
+    (g,) = batch.groups
+    assert g.rows is None and g.num_seqs == 1 and start >= 0 and start + num_rows <= g.num_q
+    mask = g.mask[:, :, :, start : start + num_rows]  # [1, 1, 1, Q', S']
+    mask_3d = None
+    if g.mask_3d is not None:
+        mask_3d = mask.expand(num_kv_heads, 1, group, num_rows, mask.shape[-1]).reshape(
+            num_kv_heads, group * num_rows, mask.shape[-1]
+        )
+    write = batch.write_slots[start : start + num_rows]
+    return AttentionBatch(write, [Group(None, 1, num_rows, g.key_slots, mask, mask_3d)])
+
+
 def _group(
     tables: torch.Tensor,
     starts: torch.Tensor,

@@ -21,7 +21,14 @@ from mimo.model import DecoderLayer, MiMoForCausalLM, MTPBlock
 from mimo.moe import MoE
 from replicas.dispatch import ExpertDispatcher, Pending
 from replicas.fused_weights import FusedAttention, FusedMLP, RopeTable
-from replicas.paged_attention import AttentionBatch, PagedKV, Segment, build_batch, paged_attention
+from replicas.paged_attention import (
+    AttentionBatch,
+    PagedKV,
+    Segment,
+    build_batch,
+    narrow_queries,
+    paged_attention,
+)
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, rotary_dim] (or [N, rotary_dim])
 
@@ -103,6 +110,21 @@ class PagedModel:
             micro = (self._prepare(seqs[:split], True), self._prepare(seqs[split:], True))
             batch = replace(batch, micro=micro)
         return batch
+
+    def narrow(self, batch: StepBatch, start: int, token_ids: Sequence[int]) -> StepBatch:
+        """Rows [start, start + len(token_ids)) of a one-sequence SWA-only batch, fed `token_ids`: the
+        MTP blocks of one sequence attend over nested slot ranges, so one batch serves all of them."""
+        n = len(token_ids)
+        num_kv_heads, group, _ = self.pool_heads[LayerType.SLIDING]
+        cos, sin = batch.ropes[LayerType.SLIDING]
+        return StepBatch(
+            input_ids=torch.tensor(token_ids, dtype=torch.long, device=self.device),
+            positions=batch.positions[start : start + n],
+            row_starts=[0],
+            full=None,
+            swa=narrow_queries(batch.swa, start, n, num_kv_heads, group),
+            ropes={LayerType.SLIDING: (cos[start : start + n], sin[start : start + n])},
+        )
 
     def _prepare(self, seqs: Sequence[SeqInput], need_full: bool) -> StepBatch:
         ids: list[int] = []

@@ -88,9 +88,9 @@ class ModelRunner:
         spans = [
             (row_starts[i] + len(seqs[i].token_ids) - len(seqs[i].draft_token_ids) - 1, i) for i in verify
         ]
-        logits = self.paged.logits(
-            torch.cat([hidden[first : first + len(seqs[i].draft_token_ids) + 1] for first, i in spans])
-        )  # [sum(k+1), V], one lm_head call for every verifying sequence
+        verified = [hidden[first : first + len(seqs[i].draft_token_ids) + 1] for first, i in spans]
+        # [sum(k+1), V], one lm_head call for every verifying sequence
+        logits = self.paged.logits(verified[0] if len(verified) == 1 else torch.cat(verified))
         best = logits.argmax(dim=-1).tolist()
         offset = 0
         for _, i in spans:

@@ -9,7 +9,7 @@ from mimo.attention import Attention
 from mimo.config import MiMoConfig
 from mimo.layers import RotaryEmbedding
 from replicas.fused_weights import FusedAttention, RopeTable
-from replicas.paged_attention import PagedKV, Segment, build_batch, paged_attention
+from replicas.paged_attention import PagedKV, Segment, build_batch, narrow_queries, paged_attention
 from tests.factory import random_config_dict
 
 
@@ -99,3 +99,46 @@ def test_paged_attention_equals_reference_over_mixed_groups() -> None:
         ref = attn.attend(q[:, n - f :], k, v, positions[n - f :], positions)[0].flatten(-2)
         torch.testing.assert_close(got[offset : offset + f], ref, rtol=0, atol=1e-5)
         offset += f
+
+
+def test_narrowed_batch_attends_as_a_batch_built_for_its_rows() -> None:
+    """Catches a narrowed one-sequence batch (the MTP blocks share one per step) letting a query see a
+    later key or one outside its window, or writing K/V of rows outside its range: each sub-range of
+    a 70-slot sequence (window crossed, released blocks) must match a batch built for exactly it."""
+    config, attn = _attention(2)
+    s = config.sliding_attention
+    window, block, length = config.sliding_window_size, 4, 70
+    fused = FusedAttention.build(attn, config.rotary_dim)
+    rotary = RotaryEmbedding(config.rotary_dim, s.rope_theta)
+    x = torch.randn(length, config.hidden_size)
+    heads = (s.num_kv_heads, s.num_q_per_kv, s.has_sink)
+    lo, hi = length - 6, length  # the shared range; blocks before its window are released
+    table: list[int | None] = [
+        b if (b + 1) * block > lo - window else None for b in range(length // block + 1)
+    ]
+
+    def cache() -> PagedKV:
+        kv = PagedKV(
+            1, 32, block, s.num_kv_heads, s.qk_head_dim, s.v_head_dim, torch.float32, torch.device("cpu")
+        )
+        full = build_batch([Segment(0, lo, 0, list(range(length // block + 1)))], block, window,
+                           torch.device("cpu"), kv.zero_slot, *heads)  # fmt: skip
+        cos, sin = rotary(torch.arange(lo), torch.float32)
+        paged_attention(
+            *fused.project(x[:lo], cos.unsqueeze(1), sin.unsqueeze(1)), kv.kv[0], full, fused.sink
+        )
+        return kv
+
+    for start, stop in [(lo, hi), (lo + 2, hi), (lo + 1, hi - 2), (hi - 1, hi)]:
+        kv_ref, kv_got = cache(), cache()
+        cos, sin = rotary(torch.arange(start, stop), torch.float32)
+        q, kv_new = fused.project(x[start:stop], cos.unsqueeze(1), sin.unsqueeze(1))
+        own = build_batch([Segment(0, stop - start, start, table)], block, window, torch.device("cpu"),
+                          kv_ref.zero_slot, *heads)  # fmt: skip
+        shared = build_batch([Segment(0, hi - lo, lo, table)], block, window, torch.device("cpu"),
+                             kv_got.zero_slot, *heads)  # fmt: skip
+        narrowed = narrow_queries(shared, start - lo, stop - start, s.num_kv_heads, s.num_q_per_kv)
+        ref = paged_attention(q.clone(), kv_new.clone(), kv_ref.kv[0], own, fused.sink)
+        got = paged_attention(q, kv_new, kv_got.kv[0], narrowed, fused.sink)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+        assert torch.equal(kv_got.kv[0], kv_ref.kv[0])
