@@ -268,13 +268,17 @@ def serve_workers(spec: ClusterSpec, port: int) -> Iterator[list[str]]:
     try:
         for name in names:
             serve.run(deployment.bind(spec.model_dump(mode="json")), name=name, route_prefix=f"/{name}")
-        urls = [f"http://127.0.0.1:{port}/{name}" for name in names]
-        for url in urls:
-            wait_http(url + "/health", timeout_s=300)
-        yield urls
+        yield wait_healthy([f"http://127.0.0.1:{port}/{name}" for name in names])
     finally:
         for name in names:
             serve.delete(name)
+
+
+def wait_healthy(urls: list[str]) -> list[str]:
+    """Waits until every replica URL answers /health; returns the URLs."""
+    for url in urls:
+        wait_http(url + "/health", timeout_s=300)
+    return urls
 
 
 def wait_http(url: str, timeout_s: float) -> None:
@@ -291,7 +295,7 @@ def wait_http(url: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-# --- worker-process policies -------------------------------------------------------------------
+# --- bare worker processes -------------------------------------------------------------------
 
 
 @contextmanager
@@ -308,10 +312,7 @@ def workers(args: argparse.Namespace) -> Iterator[list[str]]:
         for port in ports
     ]
     try:
-        urls = [f"http://127.0.0.1:{port}" for port in ports]
-        for url in urls:
-            wait_http(url + "/health", timeout_s=300)
-        yield urls
+        yield wait_healthy([f"http://127.0.0.1:{port}" for port in ports])
     finally:
         for proc in procs:
             proc.terminate()
