@@ -171,11 +171,20 @@ async def warm_up(sends: list[Send]) -> None:
 
 
 def run_policy(
-    name: str, send: Send, warm: list[Send], trace: Trace, args: argparse.Namespace, nonces: Iterator[int]
-) -> dict[str, Any]:
-    """Warm up through `warm`, then `--runs` replays of the trace through `send`; medians."""
+    name: str, send: Send, warm: list[Send], trace: Trace, args: argparse.Namespace, nonces: Iterator[int],
+    close: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Warm up through `warm`, then `--runs` replays of the trace through `send`; medians. `close` is
+    awaited on the same event loop at the end (clients bound to that loop close on it)."""
 
     async def go() -> list[dict[str, float]]:
+        try:
+            return await replays()
+        finally:
+            if close is not None:
+                await close()
+
+    async def replays() -> list[dict[str, float]]:
         await warm_up(warm)
         summaries = []
         for run in range(args.runs):
@@ -433,7 +442,7 @@ def run_url_policy(
     warm = [direct_send(openai_client(url + "/v1"), args.max_tokens) for url in urls]
     if name == "oracle":
         oracle = Oracle(urls, args.max_tokens)
-        return run_policy(name, oracle.send, warm, trace, args, nonces) | {
+        return run_policy(name, oracle.send, warm, trace, args, nonces, oracle.http.aclose) | {
             "requests_per_replica": oracle.num_sent
         }
     assert name == "sglang_cache_aware" and sglang is not None
