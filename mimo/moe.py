@@ -128,9 +128,7 @@ class Experts(nn.Module):
         are the same as the sparse paths'; the extra FLOPs are bounded by _DENSE_MAX_ROW_EXPERTS)."""
         num_rows, num_local, inter = x.shape[0], len(self.expert_ids), self.intermediate_size
         gate_up = x @ self.gate_up_proj.permute(2, 0, 1).reshape(x.shape[1], num_local * 2 * inter)
-        weights = x.new_zeros(num_rows, num_local + 1).scatter_(
-            1, self.dense_column[routing.expert_ids], routing.weights.to(x.dtype)
-        )[:, :num_local]
+        weights = self._row_weights(x, routing)  # [N, E_local]
         act = self._swiglu(gate_up.view(num_rows, num_local, 2 * inter)) * weights.unsqueeze(2)
         return act.view(num_rows, num_local * inter) @ self.down_proj.transpose(1, 2).reshape(
             num_local * inter, -1
@@ -139,11 +137,9 @@ class Experts(nn.Module):
     def _union(self, x: torch.Tensor, routing: Routing, chosen: list[int]) -> torch.Tensor:
         """Every row through each local expert that any row chose (weight 0 where that row did not):
         reads only the chosen experts' weights, a few ops per expert."""
-        weights = x.new_zeros(x.shape[0], len(self.expert_ids) + 1).scatter_(
-            1, self.dense_column[routing.expert_ids], routing.weights.to(x.dtype)
-        )  # [N, E_local + 1]
         if not chosen:
             return torch.zeros_like(x)
+        weights = self._row_weights(x, routing)
         out = None
         for e in chosen:
             act = self._swiglu(F.linear(x, self.gate_up_proj[e])).mul_(weights[:, e : e + 1])  # [N, I]
@@ -153,6 +149,13 @@ class Experts(nn.Module):
                 out.addmm_(act, self.down_proj[e].t())
         assert out is not None
         return out
+
+    def _row_weights(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """[N, E_local]: each row's combine weight per local expert (0 where it did not choose it)."""
+        num_local = len(self.expert_ids)
+        return x.new_zeros(x.shape[0], num_local + 1).scatter_(
+            1, self.dense_column[routing.expert_ids], routing.weights.to(x.dtype)
+        )[:, :num_local]
 
     def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.split(self.intermediate_size, dim=-1)

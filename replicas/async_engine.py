@@ -4,8 +4,9 @@ One background thread owns the `Engine` and steps it while there is work; caller
 loop get their chunks through per-request queues (`call_soon_threadsafe`), so the event loop never
 blocks on a forward pass. Closing a stream early (client gone, task cancelled) aborts the request
 and frees its KV blocks. Invalid requests raise `InvalidRequest` from `submit` before streaming.
-Chunks already queued when the consumer asks are merged into one. After every step the thread publishes an `EngineSnapshot` (load and KV usage) and buffers the prefix
-cache's block events, both readable from any thread, for the router and the metrics.
+Chunks already queued when the consumer asks are merged into one. After every step the thread
+publishes an `EngineSnapshot` (load and KV usage) and buffers the prefix cache's block events, both
+readable from any thread, for the router and the metrics.
 """
 
 from __future__ import annotations
