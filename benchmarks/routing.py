@@ -175,7 +175,8 @@ def run_policy(
     close: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Warm up through `warm`, then `--runs` replays of the trace through `send`; medians. `close` is
-    awaited on the same event loop at the end (clients bound to that loop close on it)."""
+    awaited on the same event loop at the end (clients bound to that loop close on it). `name` labels
+    the log lines and the --details files, so it must be unique per row of the report."""
 
     async def go() -> list[dict[str, float]]:
         try:
@@ -241,7 +242,7 @@ def run_serve_policies(
             if name in URL_POLICIES:
                 with serve_workers(make_spec(args), port) as urls:
                     print(f"{name}: deployed in {time.perf_counter() - started:.1f} s", flush=True)
-                    out[name] = run_url_policy(name, urls, sglang, trace, args, nonces)
+                    out[name] = run_url_policy(name, urls, sglang, trace, args, nonces, name)
                 continue
             spec = make_spec(args, SPEC_POLICY.get(name, "prefix"), port)
             router = ray_router_config() if name == "ray_prefix" else None
@@ -436,19 +437,20 @@ def direct_send(client: Any, max_tokens: int) -> Send:
 
 def run_url_policy(
     name: str, urls: list[str], sglang: Path | None, trace: Trace, args: argparse.Namespace,
-    nonces: Iterator[int],
+    nonces: Iterator[int], label: str,
 ) -> dict[str, Any]:  # fmt: skip
-    """The oracle or sglang-router in front of these replica URLs (fresh engines, every one warmed)."""
+    """The oracle or sglang-router in front of these replica URLs (fresh engines, every one warmed);
+    `label` names the run in logs and --details."""
     warm = [direct_send(openai_client(url + "/v1"), args.max_tokens) for url in urls]
     if name == "oracle":
         oracle = Oracle(urls, args.max_tokens)
-        return run_policy(name, oracle.send, warm, trace, args, nonces, oracle.http.aclose) | {
+        return run_policy(label, oracle.send, warm, trace, args, nonces, oracle.http.aclose) | {
             "requests_per_replica": oracle.num_sent
         }
     assert name == "sglang_cache_aware" and sglang is not None
     with sglang_router(sglang, urls) as router_url:
         via_router = direct_send(openai_client(router_url + "/v1"), args.max_tokens)
-        return run_policy(name, via_router, warm, trace, args, nonces)
+        return run_policy(label, via_router, warm, trace, args, nonces)
 
 
 def run_process_policies(
@@ -458,7 +460,7 @@ def run_process_policies(
     out: dict[str, Any] = {}
     for name in policies:
         with workers(args) as urls:  # fresh engines: cold caches for this policy
-            out[name] = run_url_policy(name, urls, sglang, trace, args, nonces) | {
+            out[name] = run_url_policy(name, urls, sglang, trace, args, nonces, f"bare_processes_{name}") | {
                 "harness": "worker_processes"
             }
     return out
