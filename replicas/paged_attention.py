@@ -7,7 +7,9 @@ segments with the same query count, which slots to gather and the visibility mas
 SWA the window). Every layer of that type reuses it: one write, one gather, three batched matmul
 ops per group. The decode step is bound by per-op overhead, so the layout is chosen to need few ops:
 K and V of a token sit side by side in one row per KV head (one write, one gather), the cache is
-head-major so a gather is already [heads x seqs, keys, dims], and each pool's last slot is kept zero:
+head-major so a gather is already [heads x seqs, keys, dims] (one dim-0 gather of whole rows over
+the cache seen as [heads x slots, dims]: at batch 8 3.5x faster than a dim-1 gather of slots, about
+equal at batch 1), and each pool's last slot is kept zero:
 padding reads it, and with sinks it is one more key whose score is the sink (put in by the mask)
 and whose value is zero, so the softmax needs no extra column handling.
 """
@@ -37,7 +39,8 @@ class Group:
     rows: torch.Tensor | None  # [B * Q] flat row of each query, (seq, query) order; None: all rows, in order
     num_seqs: int
     num_q: int
-    key_slots: torch.Tensor  # [B * S] flat slot of each gathered key (padding, sink -> the zero slot)
+    key_rows: torch.Tensor  # [Hkv * B * S] row of each gathered key in the cache seen as [Hkv * slots', D]
+    # (head-major: head h's slot s is row h * slots' + s; padding and the sink read the zero slot)
     mask: torch.Tensor  # [1, B, 1, Q, S'] additive, 0 visible / -inf hidden; S' = S - 1 with sinks
     mask_3d: torch.Tensor | None  # [Hkv * B, G * Q, S] the mask per score row (pools without sinks)
 
@@ -152,7 +155,7 @@ def narrow_queries(
             num_kv_heads, group * num_rows, mask.shape[-1]
         )
     write = batch.write_slots[start : start + num_rows]
-    return AttentionBatch(write, [Group(None, 1, num_rows, g.key_slots, mask, mask_3d)])
+    return AttentionBatch(write, [Group(None, 1, num_rows, g.key_rows, mask, mask_3d)])
 
 
 def _group(
@@ -191,7 +194,9 @@ def _group(
         mask_3d = mask.expand(num_kv_heads, b, group, num_q, num_keys).reshape(
             num_kv_heads * b, group * num_q, num_keys
         )
-    return Group(rows, b, num_q, slots.view(-1).to(device), mask, mask_3d)
+    # one dim-0 gather of whole rows (2x faster here than gathering slots along dim 1 per head)
+    key_rows = (torch.arange(num_kv_heads)[:, None] * (zero_slot + 1) + slots.view(1, -1)).view(-1)
+    return Group(rows, b, num_q, key_rows.to(device), mask, mask_3d)
 
 
 def paged_attention(
@@ -219,7 +224,9 @@ def paged_attention(
         qs = q if g.rows is None else q.index_select(0, g.rows)
         # [Hkv * B, G * Q, Dqk]: query heads of one KV head side by side, per sequence
         qg = qs.reshape(b, nq, num_kv_heads, group, dqk).permute(2, 0, 3, 1, 4).reshape(-1, group * nq, dqk)
-        kv = cache.index_select(1, g.key_slots).view(num_kv_heads * b, -1, width)  # [Hkv * B, S, Dqk + Dv]
+        kv = (
+            cache.view(-1, width).index_select(0, g.key_rows).view(num_kv_heads * b, -1, width)
+        )  # [Hkv*B, S, D]
         k, v = kv[..., :dqk].transpose(1, 2), kv[..., dqk:]
         if sink is not None:
             m = g.mask
