@@ -242,7 +242,7 @@ def run_serve_policies(
             if name in URL_POLICIES:
                 with serve_workers(make_spec(args), port) as urls:
                     print(f"{name}: deployed in {time.perf_counter() - started:.1f} s", flush=True)
-                    out[name] = run_url_policy(name, urls, sglang, trace, args, nonces, name)
+                    out[name] = run_url_policy(name, urls, sglang, trace, args, nonces)
                 continue
             spec = make_spec(args, SPEC_POLICY.get(name, "prefix"), port)
             router = ray_router_config() if name == "ray_prefix" else None
@@ -437,10 +437,11 @@ def direct_send(client: Any, max_tokens: int) -> Send:
 
 def run_url_policy(
     name: str, urls: list[str], sglang: Path | None, trace: Trace, args: argparse.Namespace,
-    nonces: Iterator[int], label: str,
+    nonces: Iterator[int], label: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The oracle or sglang-router in front of these replica URLs (fresh engines, every one warmed);
-    `label` names the run in logs and --details."""
+    `label` (default: the policy's name) names the run in logs and --details."""
+    label = label or name
     warm = [direct_send(openai_client(url + "/v1"), args.max_tokens) for url in urls]
     if name == "oracle":
         oracle = Oracle(urls, args.max_tokens)
@@ -460,9 +461,9 @@ def run_process_policies(
     out: dict[str, Any] = {}
     for name in policies:
         with workers(args) as urls:  # fresh engines: cold caches for this policy
-            out[name] = run_url_policy(name, urls, sglang, trace, args, nonces, f"bare_processes_{name}") | {
-                "harness": "worker_processes"
-            }
+            out[name] = run_url_policy(
+                name, urls, sglang, trace, args, nonces, label=f"bare_processes_{name}"
+            ) | {"harness": "worker_processes"}
     return out
 
 
