@@ -3,7 +3,11 @@
 
 One multi-session, multi-turn chat/agent trace (`benchmarks/routing_trace.py`: shared system prompts,
 growing histories, `--concurrency` sessions in flight, greedy, EOS ignored) is replayed against 4
-attention replicas of the tiny model, every replica a Serve replica with the same engine config:
+attention replicas of the tiny model, every replica a Serve replica with the same engine config.
+At the defaults every replica's GA pool could hold the whole run's distinct prompt blocks, so the
+prefix-aware routers all reach the ceiling; `--sessions 64 --kv-cache-mib 12` makes the caches
+evict (the README has what that measured). The JSON records each replica's pool sizes next to the
+trace's distinct blocks (`cache_pressure`).
 - ours, round_robin, power_of_two, ray_prefix: the Serve application (`cluster.app`), Gateway ->
   Attention replicas (experts in process), through the gateway's HTTP API; Ray's router is plugged in
   as the Attention deployment's request router (`benchmarks/ray_prefix_router.py`).
@@ -390,6 +394,24 @@ def trace_prompts(trace: Trace, nonce: int) -> list[list[int]]:
     ]
 
 
+def cache_pressure(spec: ClusterSpec, prompts: list[list[int]]) -> dict[str, int]:
+    """Each replica's pool sizes in blocks beside the trace's distinct prompt blocks (one run)."""
+    from cluster.attention_deployment import engine_config
+    from mimo.block_hash import block_hashes
+    from mimo.config import MiMoConfig
+    from replicas.engine_config import build_layout
+
+    config = MiMoConfig.from_hub_dict(json.loads((Path(spec.model.path) / "config.json").read_text()))
+    layout = build_layout(config, engine_config(spec))
+    distinct = {h for p in prompts for h in block_hashes(p, layout.block_size)}
+    return {
+        "ga_blocks_per_replica": layout.num_full_blocks,
+        "swa_blocks_per_replica": layout.num_swa_blocks,
+        "swa_blocks_per_cached_window": -(-layout.window // layout.block_size) + 1,
+        "trace_distinct_prompt_blocks": len(distinct),
+    }
+
+
 def sglang_python(args: argparse.Namespace) -> tuple[Path | None, str | None]:
     """sglang-router's interpreter, or None with the reason it is skipped."""
     python = args.sglang_python
@@ -484,7 +506,7 @@ def main() -> None:
         default=1,
         help="Gateway replicas of our Serve application (a URL-routed replica serves its own API)",
     )
-    parser.add_argument("--kv-cache-mib", type=int, default=24)
+    parser.add_argument("--kv-cache-mib", type=int, default=24, help="per replica (see above)")
     parser.add_argument("--settle-s", type=float, default=2.0, help="idle time before each run")
     parser.add_argument("--policies", nargs="+", default=list(ALL_POLICIES), choices=ALL_POLICIES)
     parser.add_argument("--sglang-python", type=Path, default=SGLANG_VENV / "bin" / "python")
@@ -502,7 +524,8 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     trace = make_trace(args.seed, num_sessions=args.sessions)
-    ceiling = ceiling_hit_rate(trace_prompts(trace, nonce=0), make_spec(args).engine.block_size)
+    prompts = trace_prompts(trace, nonce=0)
+    ceiling = ceiling_hit_rate(prompts, make_spec(args).engine.block_size)
     nonces = iter(range(1000, 10000))  # every run of every policy: its own first line
     started = time.perf_counter()
     skipped: dict[str, str] = {}
@@ -537,6 +560,7 @@ def main() -> None:
             "sglang_router": SGLANG_VERSION, "elapsed_s": round(time.perf_counter() - started, 1),
         },
         "ceiling_hit_rate": round(ceiling, 4),  # one never-evicting cache: no router can beat it
+        "cache_pressure": cache_pressure(spec, prompts),
         "skipped": skipped,
         "policies": policies,
         "bare_processes": bare,
