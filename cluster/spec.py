@@ -44,6 +44,9 @@ class EngineSpec(_Spec):
     max_prefill_chunk: int = Field(512, ge=1, description="longest prefill chunk of one request per step")
     max_model_len: int | None = Field(None, ge=2, description="context limit; default the model's")
     num_mtp_drafts: int = Field(0, ge=0, le=3, description="MTP draft tokens per step (0 = off)")
+    max_draft_batch: int | None = Field(
+        None, ge=1, description="draft only in steps where at most this many sequences sample (none: always)"
+    )
     enable_prefix_cache: bool = Field(True, description="reuse KV blocks of equal prefixes")
     max_queued_requests: int = Field(256, ge=1, description="waiting requests per replica before 503")
     threads: int = Field(

@@ -115,7 +115,7 @@ class Engine:
             ),
             self.kv_cache,
         )
-        self.runner = ModelRunner(model, layout, config.num_mtp_drafts)
+        self.runner = ModelRunner(model, layout, config.num_mtp_drafts, config.max_draft_batch)
         self.device = self.runner.paged.device
         self._live: dict[str, _Live] = {}
         self.stats = {"drafts": 0, "drafted_tokens": 0, "accepted_draft_tokens": 0, "steps": 0}

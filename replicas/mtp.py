@@ -6,6 +6,11 @@ slots whose input is still a draft are computed provisionally and recomputed nex
 so the paged cache is simply overwritten). Per sequence we keep, per block, how many slots are
 final, and when block k lags block k-1 by one slot, block k-1's hidden state at that slot
 (`carry[k]`), so no stage recomputes a final slot.
+
+A sequence's state starts at a slot (`start`): its first step after a prefix hit, a re-admission or
+a pause of drafting (`EngineConfig.max_draft_batch`). Every block's KV before that slot is taken
+as it is, even where it was never computed for these tokens: it only lowers the acceptance rate
+until the window has moved past it, since verification decides every output.
 """
 
 from __future__ import annotations
@@ -20,14 +25,16 @@ from replicas.paged_model import PagedModel, SeqInput, StepBatch
 
 @dataclass
 class MTPState:
-    """Per sequence: slots [0, final[k]) of block k are final; carry[k] = (slot, stage k-1 hidden)."""
+    """Per sequence: slots [0, final[k]) of block k are final; carry[k] = (slot, stage k-1 hidden).
+    No block computes a slot before `start` (see the module docstring)."""
 
     final: list[int]
     carry: list[tuple[int, torch.Tensor] | None]
+    start: int = 0
 
     @staticmethod
-    def fresh(num_blocks: int) -> MTPState:
-        return MTPState([0] * num_blocks, [None] * num_blocks)
+    def fresh(num_blocks: int, start: int = 0) -> MTPState:
+        return MTPState([start] * num_blocks, [None] * num_blocks, start)
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,11 @@ class MTPDrafter:
                 it.state.final[k] = final_new
                 if k + 1 < self.num_drafts:
                     next_final = min(final_new, len(it.tokens) - 2 - k)
-                    new_carry[idx][k + 1] = self._next_carry(it.state.carry[k + 1], stage, next_final)
+                    new_carry[idx][k + 1] = (
+                        None  # block k+1 resumes at the start: nothing before it is computed
+                        if next_final < it.state.start
+                        else self._next_carry(it.state.carry[k + 1], stage, next_final)
+                    )
                 prev[idx] = stage
         for it, carry in zip(items, new_carry, strict=True):
             it.state.carry = carry
@@ -98,7 +109,8 @@ class MTPDrafter:
         final = it.main_final  # the previous stage's final slots; the main model's for block 0
         for k in range(self.num_drafts):
             final = min(final, len(it.tokens) - 1 - k)
-            out.append((it.state.final[k], final, it.main_final if it.want_drafts else final))
+            lo = max(it.state.final[k], it.state.start)
+            out.append((lo, final, it.main_final if it.want_drafts else final))
         return out
 
     def _shared_batch(self, it: DraftItem, spans: list[tuple[int, int, int]]) -> tuple[int, StepBatch] | None:

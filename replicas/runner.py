@@ -31,11 +31,18 @@ class TokenLogprobs:
 
 
 class ModelRunner:
-    def __init__(self, model: MiMoForCausalLM, layout: KVLayout, num_mtp_drafts: int = 0) -> None:
+    def __init__(
+        self,
+        model: MiMoForCausalLM,
+        layout: KVLayout,
+        num_mtp_drafts: int = 0,
+        max_draft_batch: int | None = None,  # see EngineConfig.max_draft_batch
+    ) -> None:
         self.paged = PagedModel(
             model, layout.num_full_blocks, layout.num_swa_blocks, layout.block_size, num_mtp_drafts
         )
         self.drafter = MTPDrafter(self.paged, num_mtp_drafts) if num_mtp_drafts > 0 else None
+        self.max_draft_batch = max_draft_batch
         self.mtp_states: dict[str, MTPState] = {}
 
     @torch.inference_mode()
@@ -54,14 +61,25 @@ class ModelRunner:
         hidden = self.paged.forward(batch)
         sampled = self._sample(seqs, batch.row_starts, hidden, rows)
         drafts: list[list[int]] = [[] for _ in seqs]
-        if self.drafter is not None:
+        if self.drafter is not None and self._drafts_pay(seqs):
             drafts = self._draft(seqs, batch.row_starts, hidden, sampled, tokens)
+        elif self.drafter is not None:
+            # No MTP work this step: each sequence restarts its MTP caches when drafting resumes,
+            # reading the skipped slots' MTP KV as it is (at most a window of stale keys: only the
+            # acceptance rate drops for a while, never the output, which verification decides).
+            for s in seqs:
+                self.mtp_states.pop(s.request_id, None)
         return StepOutput(
             [
                 SeqOutput(s.request_id, out, d, extras)
                 for s, (out, extras), d in zip(seqs, sampled, drafts, strict=True)
             ]
         )
+
+    def _drafts_pay(self, seqs: Sequence[ScheduledSeq]) -> bool:
+        """Draft only while few sequences sample (EngineConfig.max_draft_batch)."""
+        limit = self.max_draft_batch
+        return limit is None or sum(s.is_last_chunk for s in seqs) <= limit
 
     def _sample(
         self,
@@ -119,10 +137,8 @@ class ModelRunner:
         items = []
         for s, start, (emitted, _) in zip(seqs, row_starts, sampled, strict=True):
             state = self.mtp_states.get(s.request_id)
-            if state is None:  # new or re-admitted: a prefix hit's MTP KV is taken as it is
-                state = MTPState(
-                    [s.start_position] * self.drafter.num_drafts, [None] * self.drafter.num_drafts
-                )
+            if state is None:  # new, re-admitted or drafting again: earlier MTP KV is taken as it is
+                state = MTPState.fresh(self.drafter.num_drafts, s.start_position)
                 self.mtp_states[s.request_id] = state
             num_final = len(s.token_ids) - len(s.draft_token_ids) + max(0, len(emitted) - 1)
             committed = [*tokens[s.request_id], *emitted]

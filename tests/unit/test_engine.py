@@ -73,6 +73,7 @@ prompt_sets = st.lists(st.lists(st.integers(3, 12), min_size=1, max_size=48), mi
     max_num_seqs=st.integers(1, 4),
     kv_kib=st.sampled_from([1024, 2048, 8192]),
     drafts=st.integers(0, 3),
+    max_draft_batch=st.sampled_from([None, 1, 2]),
 )
 def test_greedy_outputs_equal_plain_recompute(
     prompts: list[list[int]],
@@ -83,10 +84,11 @@ def test_greedy_outputs_equal_plain_recompute(
     max_num_seqs: int,
     kv_kib: int,
     drafts: int,
+    max_draft_batch: int | None,
 ) -> None:
     """Catches any KV, scheduling or draft-verification bug that changes tokens: random prompt sets
     (a shared prefix on half of them), arrival orders, chunk and block sizes, budgets tight enough
-    to preempt, MTP on and off."""
+    to preempt, MTP on and off (and switched off while the batch is larger than max_draft_batch)."""
     prompts = [(shared + p if i % 2 else p) for i, p in enumerate(prompts)]
     config = EngineConfig(
         block_size=block_size,
@@ -96,6 +98,7 @@ def test_greedy_outputs_equal_plain_recompute(
         max_prefill_chunk=chunk,
         max_model_len=100,
         num_mtp_drafts=drafts,
+        max_draft_batch=max_draft_batch,
     )
     engine = Engine(_model(), _tokenizer(), config)
     got = _run(engine, prompts, arrivals)
@@ -119,6 +122,56 @@ def test_tight_budget_preempts_and_still_matches() -> None:
     assert engine.scheduler.num_preemptions_total > 0
     for i, p in enumerate(prompts):
         assert got[f"r{i}"] == _reference(tuple(p))
+
+
+def test_drafting_pauses_while_the_batch_is_large_and_resumes() -> None:
+    """Catches a draft cut-off that never drafts, never pauses, or changes tokens when a sequence
+    resumes drafting over MTP KV it skipped: request 0 runs alone (drafts), then with two more
+    (no drafts above max_draft_batch=1), then alone again once they finish (drafts again)."""
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 300, (12,), generator=gen).tolist() for _ in range(3)]
+    config = EngineConfig(block_size=4, max_model_len=100, num_mtp_drafts=2, max_draft_batch=1)
+    engine = Engine(_model(), _tokenizer(), config)
+    engine.add(GenerateRequest("long", prompts[0], _greedy(40)))
+    out: dict[str, list[int]] = {"long": [], "a": [], "b": []}
+    # sequences verifying drafts in a step, by how many sequences sampled in the step that drafted
+    verified_by_crowd: dict[int, int] = {}
+    num_sampled_before = 0
+    for step in range(200):
+        if step == 3:
+            engine.add(GenerateRequest("a", prompts[1], _greedy(6)))
+            engine.add(GenerateRequest("b", prompts[2], _greedy(6)))
+        before = engine.stats["drafts"]
+        chunks = engine.step()
+        for chunk in chunks:
+            assert chunk.error is None, chunk.error
+            out[chunk.request_id] += chunk.token_ids
+        verified = engine.stats["drafts"] - before
+        verified_by_crowd[num_sampled_before] = verified_by_crowd.get(num_sampled_before, 0) + verified
+        num_sampled_before = len({c.request_id for c in chunks if c.token_ids})
+        if not engine.has_work():
+            break
+    reference = generate(_model(), prompts[0], PlainParams(max_new_tokens=40)).token_ids
+    assert out["long"] == reference
+    for rid, prompt in (("a", prompts[1]), ("b", prompts[2])):
+        assert out[rid] == generate(_model(), prompt, PlainParams(max_new_tokens=6)).token_ids
+    assert set(verified_by_crowd) >= {1, 3}  # the long request sampled alone and in a crowd
+    assert verified_by_crowd[1] > 0
+    assert all(n == 0 for crowd, n in verified_by_crowd.items() if crowd > 1)
+
+
+def test_prefix_hit_leaving_one_token_with_three_drafts() -> None:
+    """Catches MTP blocks 2+ reaching for a hidden state from before the slot their state starts at:
+    a prefix hit that leaves one token to compute starts drafting like a decode (it used to fail
+    the request with 3 drafts)."""
+    gen = torch.Generator().manual_seed(4)
+    prompt = torch.randint(3, 300, (21,), generator=gen).tolist()  # 20 cached, 1 to compute
+    engine = Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=100, num_mtp_drafts=3))
+    engine.generate([GenerateRequest("a", prompt, _greedy())])
+    chunks = engine.generate([GenerateRequest("b", prompt, _greedy())])["b"]
+    assert [c.error for c in chunks if c.error] == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.cached_tokens == 20
+    assert [t for c in chunks for t in c.token_ids] == _reference(tuple(prompt))
 
 
 def test_repeated_prefix_reports_cached_tokens() -> None:
