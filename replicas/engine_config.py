@@ -25,8 +25,8 @@ class EngineConfig:
     num_mtp_drafts: int = 0  # 0 = no speculative decoding; up to the checkpoint's MTP blocks
     # Draft only in steps where at most this many sequences sample (None: in every step). Verifying
     # k drafts feeds k + 1 rows per sequence, so once the step is compute-bound drafting costs more
-    # than it saves: on this 2-core CPU MTP gained up to 1.35x at 1 sequence, ~1.0x at 2-3 and lost
-    # from 4 on (0.7x at 4-8, 0.6x at 32).
+    # than it saves: on this 2-core CPU, 3 drafts gained 1.2-1.35x at 1 sequence, 1.0-1.1x at 2-3,
+    # and lost from 4 on (0.7-0.9x at 4-6, 0.6-0.7x at 8-32).
     max_draft_batch: int | None = None
     enable_prefix_cache: bool = True
     kv_dtype_bytes: int = 4  # the runner keeps K/V in the model's dtype (fp32 here)

@@ -33,7 +33,7 @@ class MTPState:
     start: int = 0
 
     @staticmethod
-    def fresh(num_blocks: int, start: int = 0) -> MTPState:
+    def fresh(num_blocks: int, start: int) -> MTPState:
         return MTPState([start] * num_blocks, [None] * num_blocks, start)
 
 

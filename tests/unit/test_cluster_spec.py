@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.attention_deployment import engine_config
 from cluster.spec import EMBEDDED_MODEL, ClusterSpec, SpecError
 
 
@@ -18,16 +19,22 @@ def test_default_spec_serves_the_embedded_model_with_two_replicas_and_two_shards
 
 def test_yaml_overrides_nested_fields(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("attention:\n  num_replicas: 3\n  max_replicas: 3\nengine:\n  num_mtp_drafts: 2\n")
+    path.write_text(
+        "attention:\n  num_replicas: 3\n  max_replicas: 3\n"
+        "engine:\n  num_mtp_drafts: 2\n  max_draft_batch: 4\n"
+    )
     spec = ClusterSpec.load(path)
     assert spec.attention.num_replicas == 3
     assert spec.engine.num_mtp_drafts == 2
+    config = engine_config(spec)  # what every attention replica's engine is built with
+    assert (config.num_mtp_drafts, config.max_draft_batch) == (2, 4)
 
 
 @pytest.mark.parametrize(
     ("data", "field"),
     [
         ({"engine": {"block_size": 0}}, "engine.block_size"),
+        ({"engine": {"max_draft_batch": 0}}, "engine.max_draft_batch"),
         ({"attention": {"bogus": 1}}, "attention.bogus"),
         ({"experts": {"transport": "smoke"}}, "experts.transport"),
         ({"attention": {"num_replicas": 5, "max_replicas": 4}}, "attention"),
