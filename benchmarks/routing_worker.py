@@ -44,9 +44,9 @@ class ProbingEngine(AsyncEngine):
     """An `AsyncEngine` that also answers prefix-cache probes. They are served on the engine thread
     where it drains its commands (between two steps), so a lookup never sees a half-applied step."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, stream_interval_s: float) -> None:
         self._probes: queue.Queue[_Probe] = queue.Queue()  # before the thread starts draining
-        super().__init__(engine)
+        super().__init__(engine, stream_interval_s)
 
     async def probe(self, prompt_token_ids: list[int], salt: str | None) -> int:
         loop = asyncio.get_running_loop()
@@ -110,7 +110,9 @@ def build_worker(spec: ClusterSpec) -> Worker:
     torch.set_num_threads(spec.engine.threads)
     model = load_model(spec.model.path, dtype=getattr(torch, spec.model.dtype), experts="all")
     tokenizer = Tokenizer.from_dir(spec.model.path)
-    engine = ProbingEngine(Engine(model, tokenizer, engine_config(spec)))
+    engine = ProbingEngine(
+        Engine(model, tokenizer, engine_config(spec)), spec.engine.stream_interval_ms / 1000
+    )
     config = GatewayConfig(served_model_name=spec.model.served_name, max_model_len=max_model_len(spec))
     return Worker(engine, tokenizer, config, spec.engine.max_num_seqs + spec.engine.max_queued_requests)
 

@@ -71,7 +71,7 @@ class AttentionDeployment:
             self.transport = TimedTransport(RayTransport(actors))
             self.dispatcher = ExpertDispatcher(self.transport, placement, num_experts)
             engine.runner.paged.dispatcher = self.dispatcher
-        self.engine = AsyncEngine(engine)
+        self.engine = AsyncEngine(engine, self.spec.engine.stream_interval_ms / 1000)
         self.max_streams = self.spec.engine.max_num_seqs + self.spec.engine.max_queued_requests
         layout = engine.kv_cache.layout
         self.report = ReplicaReportBuilder(layout.block_size, layout.window)

@@ -48,6 +48,12 @@ class EngineSpec(_Spec):
         None, ge=1, description="draft only in steps where at most this many sequences sample (none: always)"
     )
     enable_prefix_cache: bool = Field(True, description="reuse KV blocks of equal prefixes")
+    stream_interval_ms: float = Field(
+        20.0,
+        ge=0,
+        description="least time between two streamed chunks of a request after its first; the tokens "
+        "in between go out together (0: a chunk per engine step)",
+    )
     max_queued_requests: int = Field(256, ge=1, description="waiting requests per replica before 503")
     threads: int = Field(
         1,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
+from mimo.generate import SamplingParams as PlainParams
+from mimo.generate import generate
 from replicas.async_engine import AsyncEngine
 from replicas.engine import Chunk, Engine, GenerateRequest, InvalidRequest
 from replicas.engine_config import EngineConfig
@@ -95,3 +98,32 @@ def test_a_slow_consumer_gets_the_backlog_as_one_chunk() -> None:
         )
     finally:
         engine.shutdown()
+
+
+def test_paced_stream_sends_a_chunk_per_interval_and_loses_nothing() -> None:
+    """Catches pacing that drops, reorders or holds back tokens (the first and the last chunk must
+    not wait), or that does not pace at all."""
+    interval = 0.1
+    engine = AsyncEngine(
+        Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200)),
+        stream_interval_s=interval,
+    )
+    prompt = [5, 6, 7]
+
+    async def consume() -> list[tuple[float, Chunk]]:
+        loop = asyncio.get_running_loop()
+        stream = await engine.submit(GenerateRequest("paced", prompt, _greedy(max_tokens=40)))
+        return [(loop.time(), chunk) async for chunk in stream]
+
+    try:
+        timed = asyncio.run(consume())
+    finally:
+        engine.shutdown()
+    chunks = [c for _, c in timed]
+    tokens = [t for c in chunks for t in c.token_ids]
+    expected = generate(_model(), prompt, PlainParams(max_new_tokens=40)).token_ids
+    assert tokens == expected
+    assert chunks[-1].finish_reason is not None and chunks[-1].usage is not None
+    assert len(chunks) < len(tokens)  # tokens travelled together
+    sent = [t for t, c in timed if c.finish_reason is None]
+    assert all(b - a >= 0.9 * interval for a, b in itertools.pairwise(sent))
