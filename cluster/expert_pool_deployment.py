@@ -5,8 +5,10 @@ EPLB and for autoscaling the number of shards: load the new placement beside tra
 start with their experts), publish it as a new version, wait until every live attention replica
 routes by it, then drop what moved away (and shards no longer used). Attention replicas call the
 shard actors directly (no Serve hop on the hot path) and `sync` with the pool once per report
-period, which is also their acknowledgement. Shards added by autoscaling get a placement group of
-their own, so removing one frees its reservation; shards of the first group keep theirs."""
+period, which is also their acknowledgement. Shards added beyond the first placement group's size
+get a placement group of their own, so removing one frees its reservation. The first group's
+bundles stay reserved when the pool shrinks below it, and growing back starts shards in those
+bundles again: the pool never reserves more than max(first size, current size) shards."""
 
 from __future__ import annotations
 
@@ -140,7 +142,7 @@ class ExpertPoolDeployment:
     async def _resize(self, n: int) -> None:
         """Grows or shrinks the pool to `n` shards with a placement balanced for the measured load."""
         from replicas.expert_placement import ExpertPlacement, initial_placement, rebalance
-        from replicas.expert_pool import ExpertPool, ShardResources
+        from replicas.expert_pool import ExpertPool, ShardResources, start_shard
 
         x, old_actors = self.spec.experts, list(self.actors)
         current = len(old_actors)
@@ -152,13 +154,23 @@ class ExpertPoolDeployment:
             else initial_placement(self.moe_layers, self.num_experts, n)
         )
         actors = old_actors[:n]
+        resources = ShardResources(x.num_cpus, x.num_gpus, x.threads)
         for shard in range(current, n):  # new shards start holding their experts
-            one = ExpertPlacement(1, {key: (0,) for key in new.experts_of_shard(shard)})
+            keys = new.experts_of_shard(shard)
+            if shard < len(self.pool.actors):  # the first group's bundle, freed by a shrink
+                actor = start_shard(
+                    self.spec.model.path, keys, resources, self.spec.model.dtype, self.pool.group, shard
+                )
+                await actor.pid.remote()
+                self.pool.actors[shard] = actor  # shut down with the first group
+                actors.append(actor)
+                continue
+            one = ExpertPlacement(1, {key: (0,) for key in keys})
             pool = await asyncio.to_thread(
                 ExpertPool.start,
                 self.spec.model.path,
                 one,
-                ShardResources(x.num_cpus, x.num_gpus, x.threads),
+                resources,
                 x.placement_strategy,
                 self.spec.model.dtype,
             )

@@ -107,6 +107,7 @@ class ExpertPool:
     def __init__(self, actors: list[Any], group: PlacementGroup) -> None:
         self.actors = actors
         self.group = group
+        self.is_shut_down = False
 
     @staticmethod
     def start(
@@ -119,17 +120,8 @@ class ExpertPool:
         bundles = [{"CPU": resources.num_cpus, **({"GPU": resources.num_gpus} if resources.num_gpus else {})}]
         group = placement_group(bundles * placement.num_shards, strategy=strategy)
         ray.get(group.ready())
-        actor_cls = ray.remote(ExpertShardActor)
-        actors: list[Any] = [
-            actor_cls.options(
-                num_cpus=resources.num_cpus,
-                num_gpus=resources.num_gpus,
-                max_restarts=-1,
-                max_task_retries=-1,
-                max_concurrency=2,  # EPLB loads run beside compute calls
-                runtime_env={"env_vars": WORKER_ENV},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=s),
-            ).remote(str(path), placement.experts_of_shard(s), dtype, resources.threads)
+        actors = [
+            start_shard(path, placement.experts_of_shard(s), resources, dtype, group, s)
             for s in range(placement.num_shards)
         ]
         ray.get([a.pid.remote() for a in actors])
@@ -155,9 +147,38 @@ class ExpertPool:
         return list(ray.get([a.drain_stats.remote() for a in self.actors]))
 
     def shutdown(self) -> None:
+        """Kills the shards and frees the group's reservation (a second call does nothing)."""
+        if self.is_shut_down:
+            return
+        self.is_shut_down = True
         for actor in self.actors:
             ray.kill(actor)
         remove_placement_group(self.group)
+
+
+def start_shard(
+    path: str | Path,
+    keys: list[ExpertKey],
+    resources: ShardResources,
+    dtype: str,
+    group: PlacementGroup,
+    bundle: int,
+) -> Any:
+    """One shard actor holding `keys`, in bundle `bundle` of `group` (a bundle whose actor was killed
+    takes a new one); Ray restarts it there when its process dies."""
+    return (
+        ray.remote(ExpertShardActor)
+        .options(
+            num_cpus=resources.num_cpus,
+            num_gpus=resources.num_gpus,
+            max_restarts=-1,
+            max_task_retries=-1,
+            max_concurrency=2,  # EPLB loads run beside compute calls
+            runtime_env={"env_vars": WORKER_ENV},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
+        )
+        .remote(str(path), keys, dtype, resources.threads)
+    )
 
 
 class RayTransport(ExpertTransport):

@@ -1,17 +1,22 @@
 """The expert pool scales on its own measured load: 1 -> 2 shards under traffic and back to 1 when
-idle, each step a live placement switch, with greedy outputs unchanged before, during and after."""
+idle, each step a live placement switch, with greedy outputs unchanged before, during and after;
+and a pool shrunk below its first placement group grows back into that group's bundles."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
 
 import openai
 import pytest
+import ray
 from ray import serve
+from ray.util import placement_group_table
 
 from cluster.deploy import deploy
+from cluster.expert_pool_deployment import ExpertPoolDeployment
 from cluster.gateway_deployment import APP_NAME
 from cluster.local_server import free_port
 from cluster.spec import ClusterSpec
@@ -90,3 +95,43 @@ def test_pool_grows_under_load_and_shrinks_when_idle(cluster_url: str) -> None:
         time.sleep(1)
     assert _num_shards() == 1
     assert greedy() == expected
+
+
+def test_shrinking_below_the_first_group_and_growing_back_reuses_its_bundles(ray_cluster: object) -> None:
+    """Catches a pool that reserves a new placement group for a shard its first group still has a
+    bundle for (every shrink-and-grow cycle would leak a shard's CPUs), and regrown shards that do
+    not hold the experts of the placement they serve."""
+    spec = ClusterSpec.from_dict(
+        {
+            "experts": {
+                "num_shards": 2,
+                "min_shards": 1,
+                "max_shards": 3,
+                "num_cpus": 0.5,
+                "eplb_interval_s": 0,
+            }
+        }
+    )
+    pool = ExpertPoolDeployment(spec.model_dump(mode="json"))
+
+    def live_groups() -> int:
+        return sum(g["state"] == "CREATED" for g in placement_group_table().values())
+
+    async def resize_through(sizes: list[int]) -> list[int]:
+        counts = []
+        for n in sizes:
+            await pool._resize(n)
+            counts.append(live_groups())
+        return counts
+
+    try:
+        before = live_groups()
+        counts = asyncio.run(resize_through([1, 2, 3, 2]))
+        assert [c - before for c in counts] == [0, 0, 1, 0]
+        assert len(pool.actors) == 2 and pool.actors[1] is pool.pool.actors[1]
+        held = ray.get([a.keys.remote() for a in pool.actors], timeout=60)
+        assert [sorted(k) for k in held] == [sorted(pool.placement.experts_of_shard(s)) for s in range(2)]
+    finally:
+        for group in [pool.pool, *pool.added.values()]:
+            group.shutdown()
+        pool.added.clear()
