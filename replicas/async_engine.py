@@ -6,9 +6,9 @@ blocks on a forward pass. Closing a stream early (client gone, task cancelled) a
 and frees its KV blocks. Invalid requests raise `InvalidRequest` from `submit` before streaming.
 Chunks already queued when the consumer asks are merged into one, and with `stream_interval_s`
 a stream's chunks after the first go out at most that often (the tokens in between travel
-together; the first and the finishing chunk never wait). After every step the thread
-publishes an `EngineSnapshot` (load and KV usage) and buffers the prefix cache's block events, both
-readable from any thread, for the router and the metrics.
+together and none waits longer than the interval; the first chunk never waits). After every step
+the thread publishes an `EngineSnapshot` (load and KV usage) and buffers the prefix cache's block
+events, both readable from any thread, for the router and the metrics.
 """
 
 from __future__ import annotations

@@ -101,8 +101,8 @@ def test_a_slow_consumer_gets_the_backlog_as_one_chunk() -> None:
 
 
 def test_paced_stream_sends_a_chunk_per_interval_and_loses_nothing() -> None:
-    """Catches pacing that drops, reorders or holds back tokens (the first and the last chunk must
-    not wait), or that does not pace at all."""
+    """Catches pacing that drops or reorders tokens, loses the finish reason or usage, or does not
+    pace at all."""
     interval = 0.1
     engine = AsyncEngine(
         Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200)),
