@@ -6,14 +6,15 @@ blocks on a forward pass. Closing a stream early (client gone, task cancelled) a
 and frees its KV blocks. Invalid requests raise `InvalidRequest` from `submit` before streaming.
 Chunks already queued when the consumer asks are merged into one, and with `stream_interval_s`
 a stream's chunks after the first go out at most that often (the tokens in between travel
-together and none waits longer than the interval; the first chunk never waits). After every step
-the thread publishes an `EngineSnapshot` (load and KV usage) and buffers the prefix cache's block
-events, both readable from any thread, for the router and the metrics.
+together and none waits longer than the interval; the first and the finishing chunk never wait).
+After every step the thread publishes an `EngineSnapshot` (load and KV usage) and buffers the
+prefix cache's block events, both readable from any thread, for the router and the metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncGenerator
@@ -39,6 +40,13 @@ class EngineSnapshot:
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[Chunk | BaseException]
+    ended: asyncio.Event  # the finishing chunk (or an error) is queued: a paced wait ends now
+
+    def put(self, item: Chunk | BaseException) -> None:
+        """On the stream's loop."""
+        self.queue.put_nowait(item)
+        if isinstance(item, BaseException) or item.finish_reason is not None:
+            self.ended.set()
 
 
 class AsyncEngine:
@@ -62,7 +70,7 @@ class AsyncEngine:
         if self._stopped:
             raise RuntimeError("engine is shut down")
         self.engine.validate(request)
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), asyncio.Event())
         self._streams[request.request_id] = stream
         self._send("add", request)
         return self._iterate(request.request_id, stream)
@@ -87,8 +95,9 @@ class AsyncEngine:
                     raise item
                 if last_sent is not None and item.finish_reason is None and self.stream_interval_s > 0:
                     wait = last_sent + self.stream_interval_s - stream.loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)  # later tokens queue up meanwhile, merged below
+                    if wait > 0:  # later tokens queue up meanwhile and are merged below
+                        with contextlib.suppress(TimeoutError):  # the end does not wait
+                            await asyncio.wait_for(stream.ended.wait(), wait)
                 while item.finish_reason is None and not stream.queue.empty():
                     later = stream.queue.get_nowait()
                     if isinstance(later, BaseException):
@@ -184,4 +193,4 @@ class AsyncEngine:
     def _deliver(self, request_id: str, item: Chunk | BaseException) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.loop.call_soon_threadsafe(stream.put, item)

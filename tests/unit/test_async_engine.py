@@ -127,3 +127,31 @@ def test_paced_stream_sends_a_chunk_per_interval_and_loses_nothing() -> None:
     assert len(chunks) < len(tokens)  # tokens travelled together
     sent = [t for t, c in timed if c.finish_reason is None]
     assert all(b - a >= 0.9 * interval for a, b in itertools.pairwise(sent))
+
+
+def test_paced_stream_sends_the_finishing_chunk_without_waiting() -> None:
+    """Catches a finishing chunk held back until the pacing interval ends (every non-streaming
+    request would pay up to an interval more): the interval is far longer than the generation."""
+    interval = 30.0
+    engine = AsyncEngine(
+        Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200)),
+        stream_interval_s=interval,
+    )
+
+    async def consume() -> tuple[float, list[Chunk]]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        stream = await engine.submit(GenerateRequest("end", [5, 6, 7], _greedy(max_tokens=6)))
+        chunks = [chunk async for chunk in stream]
+        return loop.time() - start, chunks
+
+    try:
+        elapsed, chunks = asyncio.run(consume())
+    finally:
+        engine.shutdown()
+    assert [t for c in chunks for t in c.token_ids] == generate(
+        _model(), [5, 6, 7], PlainParams(max_new_tokens=6)
+    ).token_ids
+    assert len(chunks) <= 2  # the first token (alone, unless the consumer lagged), then the rest
+    assert chunks[-1].finish_reason is not None
+    assert elapsed < interval / 2
