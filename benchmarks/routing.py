@@ -400,14 +400,14 @@ def cache_pressure(spec: ClusterSpec, prompts: list[list[int]]) -> dict[str, int
     from mimo.block_hash import block_hashes
     from mimo.config import MiMoConfig
     from replicas.engine_config import build_layout
+    from replicas.kv_layout import swa_blocks_per_seq
 
-    config = MiMoConfig.from_hub_dict(json.loads((Path(spec.model.path) / "config.json").read_text()))
-    layout = build_layout(config, engine_config(spec))
+    layout = build_layout(MiMoConfig.from_file(f"{spec.model.path}/config.json"), engine_config(spec))
     distinct = {h for p in prompts for h in block_hashes(p, layout.block_size)}
     return {
         "ga_blocks_per_replica": layout.num_full_blocks,
         "swa_blocks_per_replica": layout.num_swa_blocks,
-        "swa_blocks_per_cached_window": -(-layout.window // layout.block_size) + 1,
+        "swa_blocks_per_cached_window": swa_blocks_per_seq(layout.window, layout.block_size, 1),
         "trace_distinct_prompt_blocks": len(distinct),
     }
 

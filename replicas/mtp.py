@@ -92,12 +92,9 @@ class MTPDrafter:
                 stage = _Stage(hidden, lo, final_new)
                 it.state.final[k] = final_new
                 if k + 1 < self.num_drafts:
-                    next_final = min(final_new, len(it.tokens) - 2 - k)
-                    new_carry[idx][k + 1] = (
-                        None  # block k+1 resumes at the start: nothing before it is computed
-                        if next_final < it.state.start
-                        else self._next_carry(it.state.carry[k + 1], stage, next_final)
-                    )
+                    # where `_spans` resumes block k+1 next step: its final slots, never before the start
+                    resume = max(min(final_new, len(it.tokens) - 2 - k), it.state.start)
+                    new_carry[idx][k + 1] = self._next_carry(it.state.carry[k + 1], stage, resume)
                 prev[idx] = stage
         for it, carry in zip(items, new_carry, strict=True):
             it.state.carry = carry
@@ -168,16 +165,16 @@ class MTPDrafter:
 
     @staticmethod
     def _next_carry(
-        old: tuple[int, torch.Tensor] | None, stage: _Stage, next_final: int
+        old: tuple[int, torch.Tensor] | None, stage: _Stage, resume: int
     ) -> tuple[int, torch.Tensor] | None:
-        """Block k+1 resumes at slot next_final; keep this stage's hidden there if not recomputed."""
-        if next_final >= stage.final:
+        """Block k+1 resumes at slot `resume`; keep this stage's hidden there if not recomputed."""
+        if resume >= stage.final:
             return None
-        hidden = stage.at(next_final)
+        hidden = stage.at(resume)
         if hidden is None:
-            assert old is not None and old[0] == next_final, "lost the hidden state block k+1 resumes from"
+            assert old is not None and old[0] == resume, "lost the hidden state block k+1 resumes from"
             return old
-        return (next_final, hidden.detach().clone())
+        return (resume, hidden.detach().clone())
 
     @staticmethod
     def _token(it: DraftItem, drafts: list[int], position: int) -> int:

@@ -61,14 +61,15 @@ class ModelRunner:
         hidden = self.paged.forward(batch)
         sampled = self._sample(seqs, batch.row_starts, hidden, rows)
         drafts: list[list[int]] = [[] for _ in seqs]
-        if self.drafter is not None and self._drafts_pay(seqs):
-            drafts = self._draft(seqs, batch.row_starts, hidden, sampled, tokens)
-        elif self.drafter is not None:
-            # No MTP work this step: each sequence restarts its MTP caches when drafting resumes,
-            # reading the skipped slots' MTP KV as it is (at most a window of stale keys: only the
-            # acceptance rate drops for a while, never the output, which verification decides).
-            for s in seqs:
-                self.mtp_states.pop(s.request_id, None)
+        if self.drafter is not None:
+            if self._drafts_pay(seqs):
+                drafts = self._draft(seqs, batch.row_starts, hidden, sampled, tokens)
+            else:
+                # No MTP work this step: each sequence restarts its MTP caches when drafting resumes,
+                # reading the skipped slots' MTP KV as it is (at most a window of stale keys: only the
+                # acceptance rate drops for a while, never the output, which verification decides).
+                for s in seqs:
+                    self.mtp_states.pop(s.request_id, None)
         return StepOutput(
             [
                 SeqOutput(s.request_id, out, d, extras)
