@@ -91,6 +91,8 @@ def _router_config(spec: ClusterSpec) -> RequestRouterConfig:
         kv_weight=r.kv_weight,
         stale_after_s=r.stale_after_s,
         metrics_factory="cluster.metrics_ray:ray_metrics",  # the router loads it in its own process
+        # several gateways (each with its own router) share their guesses; one has nobody to tell
+        route_board=f"{APP_NAME}-route-board" if spec.gateway.num_replicas > 1 else "",
     )
     return make_request_router_config(config, stats_period_s=ROUTING_STATS_PERIOD_S)
 

@@ -35,6 +35,9 @@ class RouterConfig:
     max_hashed_blocks: int = 8192  # longest prefix considered (hashing cost is per block)
     hash_chunk_blocks: int = 128  # blocks hashed between event-loop yields
     seed: int = 0  # power-of-two sampling
+    # name of the `router.route_board.RouteBoard` actor through which the routers of several gateway
+    # replicas share their guesses; "" keeps guesses local (one gateway)
+    route_board: str = ""
     # "module:function" returning an `observability.recorder.Metrics`, called in the router's
     # process (the composition root names its Ray backend here); "" records no metrics.
     metrics_factory: str = ""

@@ -33,6 +33,7 @@ from router.policy import (
     rank_prefix,
 )
 from router.prefix_index import PrefixIndex
+from router.route_board import BoardClient
 
 MAX_TRACKED_REQUESTS = 65536  # routed requests remembered for in-flight counts (oldest dropped)
 
@@ -119,6 +120,11 @@ class PrefixAwareRequestRouter(RequestRouter):
         self.num_decisions: Counter[str] = Counter()  # reason -> decisions
         self.num_expected_hit_tokens = 0
         self.num_prompt_tokens = 0
+        # guesses shared with the other gateways' routers (router/route_board.py)
+        self._board = (
+            BoardClient(config.route_board) if config.route_board and config.policy == "prefix" else None
+        )
+        self._board_task: asyncio.Task[None] | None = None
 
     # --- Serve hooks -----------------------------------------------------------------------------
 
@@ -158,6 +164,7 @@ class PrefixAwareRequestRouter(RequestRouter):
                     self.config.hash_chunk_blocks,
                 )
             tie_key = hashes[0] if hashes else root_hash(salt)
+            self._follow_board()
             candidates = await self._candidates(candidate_replicas, hashes, len(token_ids))
             decision = rank_prefix(candidates, self.config, tie_key)
         if pending_request is not None:
@@ -179,6 +186,8 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._routed[request_id] = _Routed(actual, routed.block_hashes)
         self.index.drop_guesses(routed.replica_id, routed.block_hashes)
         self.index.note_routed(actual, routed.block_hashes, time.monotonic())
+        if self._board is not None:
+            self._board.publish(actual, routed.block_hashes)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         routed = self._routed.get(internal_request_id)
@@ -224,6 +233,8 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._routed[request_id] = _Routed(replica_id, tuple(hashes))
         self._in_flight[replica_id] += 1
         self.index.note_routed(replica_id, hashes, time.monotonic())
+        if self._board is not None:
+            self._board.publish(replica_id, hashes)
         while len(self._routed) > MAX_TRACKED_REQUESTS:
             self._forget(next(iter(self._routed)))
 
@@ -234,6 +245,18 @@ class PrefixAwareRequestRouter(RequestRouter):
                     self._forget(request_id)
 
         pending_request.future.add_done_callback(on_done)
+
+    def _follow_board(self) -> None:
+        """Starts the board client's task on the router's loop at the first decision (never waits)."""
+        if self._board is not None and self._board_task is None:
+            self._board_task = asyncio.get_running_loop().create_task(
+                self._board.run(self._apply_shared_guess)
+            )
+
+    def _apply_shared_guess(self, replica_id: str, block_hashes: list[int], age_s: float) -> None:
+        """Another router sent a prompt to `replica_id` `age_s` ago: the same guess it made."""
+        if age_s < self.config.guess_ttl_s:
+            self.index.note_routed(replica_id, block_hashes, time.monotonic() - age_s)
 
     def _forget(self, request_id: str) -> None:
         routed = self._routed.pop(request_id, None)

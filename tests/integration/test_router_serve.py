@@ -88,13 +88,15 @@ def _total(name: str, **labels: str) -> float:
 METRICS = ("decisions", "expected_hit_tokens", "prompt_tokens")
 
 
-def _send(handle: Any, prompt: list[int], request_id: str, **params: Any) -> Any:
-    return handle.generate.remote(prompt_token_ids=prompt, salt=None, params=params, request_id=request_id)
+def _send(handle: Any, prompt: list[int], request_id: str, salt: str | None = None, **params: Any) -> Any:
+    return handle.generate.remote(prompt_token_ids=prompt, salt=salt, params=params, request_id=request_id)
 
 
-def _route_follow_ups(handle: Any) -> list[str]:
+def _route_follow_ups(handle: Any, salt: str | None = None) -> list[str]:
     """Each follow-up through `handle`'s router (dry run: the replica caches nothing for it)."""
-    return [_send(handle, p, f"f{i}", dry_run=True).result(timeout_s=30) for i, p in enumerate(FOLLOW_UPS)]
+    return [
+        _send(handle, p, f"f{i}", salt, dry_run=True).result(timeout_s=30) for i, p in enumerate(FOLLOW_UPS)
+    ]
 
 
 class OtherGateway:
@@ -180,5 +182,54 @@ def test_prefix_router_in_serve(ray_cluster: object) -> None:
             hits + 6 * 3 * B,
             prompts + 6 * len(FOLLOW_UPS[0]),
         ]
+    finally:
+        serve.shutdown()
+
+
+class LateGateway:
+    """Another gateway's router that starts after a burst: routes one unrelated prompt first (its
+    first decision starts following the route board), waits until every replica's report and the
+    board's placements have arrived, then routes the follow-ups."""
+
+    def __init__(self, app_name: str) -> None:
+        self._handle = serve.get_deployment_handle("PrefixRecorder", app_name=app_name)
+
+    def route_follow_ups(self, salt: str) -> list[str]:
+        _send(self._handle, [99] * 13, "warm-up", dry_run=True).result(timeout_s=30)
+        time.sleep(5 * STATS_PERIOD_S)
+        return _route_follow_ups(self._handle, salt)
+
+
+def test_gateway_routers_share_guesses_through_the_route_board(ray_cluster: object) -> None:
+    """Catches routers of several gateways that keep their guesses to themselves, or that lose them
+    for good when the board dies: the replicas here never report the bursts' blocks (dry runs), so
+    only the first router's guesses, shared through the board, can send each follow-up where its
+    prompt went; a router without them sends at least four of the six to the tie-break replica."""
+    from router.route_board import RETRY_S
+    from router.serve_adapter import make_request_router_config
+
+    config = RouterConfig(block_size=B, stale_after_s=5.0, guess_ttl_s=60.0, route_board="test-route-board")
+    app_name = "board_test"
+    serve.start(proxy_location="Disabled")
+    try:
+        handle = serve.run(
+            PrefixRecorder.options(
+                request_router_config=make_request_router_config(config, STATS_PERIOD_S)
+            ).bind(),
+            name=app_name,
+            route_prefix=None,
+        )
+        for salt in ("before", "after the board was killed"):
+            responses = [
+                _send(handle, p, f"p{i}", salt, sleep_s=1.0, dry_run=True) for i, p in enumerate(PROMPTS)
+            ]
+            holders = [r.result(timeout_s=30) for r in responses]
+            assert sorted(Counter(holders).values()) == [2, 2, 2]
+            tie_first = min(set(holders), key=lambda r: rendezvous_key(block_hashes(SYSTEM, B, salt)[0], r))
+            assert sum(h != tie_first for h in holders) == 4
+            late = ray.remote(num_cpus=0)(LateGateway).remote(app_name)
+            assert ray.get(late.route_follow_ups.remote(salt), timeout=60) == holders
+            ray.kill(ray.get_actor("test-route-board"))
+            time.sleep(RETRY_S + 1.0)  # the driver's router notices and creates a new board
     finally:
         serve.shutdown()
