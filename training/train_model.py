@@ -126,11 +126,16 @@ class ExpertLoad:
         return sum(ratios) / len(ratios)
 
 
+def cosine_lr(step: int, lr: float, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
+    """Linear warm-up to `lr`, then cosine decay to `min_lr_ratio` x `lr` at `steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def lr_at(step: int, s: TrainSettings) -> float:
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
-    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cosine_lr(step, s.lr, s.warmup_steps, s.steps, s.min_lr_ratio)
 
 
 def train(out_dir: Path, settings: TrainSettings) -> dict[str, float]:

@@ -11,7 +11,6 @@ Reproducible: fixed seeds, fixed counts, 2 CPU threads.
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from replicas.engine import Engine, GenerateRequest
 from replicas.engine_config import EngineConfig
 from replicas.sampling_params import SamplingParams
 from training.data import TokenData, build_token_data
-from training.train_model import TrainSettings, save
+from training.train_model import TrainSettings, cosine_lr, save
 
 _MTP_PREFIX = "model.mtp."  # parameter names of the MTP blocks (nothing else is trained here)
 
@@ -104,13 +103,6 @@ def mtp_losses(
     return out
 
 
-def lr_at(step: int, s: MTPSettings) -> float:
-    if step < s.warmup_steps:
-        return s.lr * (step + 1) / s.warmup_steps
-    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
-    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def distill(model: MiMoForCausalLM, seqs: torch.Tensor, s: MTPSettings) -> list[float]:
     """Trains the MTP blocks on `seqs` [N, prompt_len + new_tokens] (prompts and greedy continuations)
     with every other weight frozen; raises if any other weight changed. -> last step's per-block CE."""
@@ -135,7 +127,7 @@ def distill(model: MiMoForCausalLM, seqs: torch.Tensor, s: MTPSettings) -> list[
     losses: list[torch.Tensor] = []
     for step in range(s.steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, s)
+            group["lr"] = cosine_lr(step, s.lr, s.warmup_steps, s.steps, s.min_lr_ratio)
         rows = torch.randint(0, len(seqs), (s.batch_size,), generator=rng)
         losses = mtp_losses(model, seqs[rows], hidden[rows], first_slot)
         opt.zero_grad(set_to_none=True)
