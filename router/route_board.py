@@ -4,8 +4,9 @@ A router guesses that a replica will hold a prompt's blocks as soon as it sends 
 but the replica's own report of those blocks reaches every router only after the next stats poll
 (about a second). With several gateway replicas a session's next turn often reaches a router that
 has not seen the first turn yet, and it goes elsewhere (sglang-router and Dynamo have this problem;
-PEERS.md). So each router publishes every placement to one `RouteBoard` actor, and follows it with
-a long poll: other routers' placements arrive within milliseconds and become guesses there too.
+PEERS.md). So each router sends its placements to one `RouteBoard` actor (batched every BATCH_S)
+and follows it with a long poll: other routers' placements arrive within tens of milliseconds and
+become guesses there too.
 `router.route_log.RouteLog` is the board's state; `RouteBoard` the Ray actor around it;
 `BoardClient` what a router holds. Only guesses travel this way: what a replica holds is still
 decided by its own reports.
