@@ -25,8 +25,8 @@ class EngineConfig:
     num_mtp_drafts: int = 0  # 0 = no speculative decoding; up to the checkpoint's MTP blocks
     # Draft only in steps where at most this many sequences sample (None: in every step). Verifying
     # k drafts feeds k + 1 rows per sequence, so once the step is compute-bound drafting costs more
-    # than it saves: on this 2-core CPU, 3 drafts gained 1.2-1.35x at 1 sequence, 1.0-1.1x at 2-3,
-    # and lost from 4 on (0.7-0.9x at 4-6, 0.6-0.7x at 8-32).
+    # than it saves: on this 2-core CPU with the tiny model's distilled MTP blocks, 3 drafts gained
+    # 1.67x at 1 sequence, 1.46/1.54/1.26/1.21/1.05x at 2/3/4/6/8 and lost at 32 (0.86x).
     max_draft_batch: int | None = None
     enable_prefix_cache: bool = True
     kv_dtype_bytes: int = 4  # the runner keeps K/V in the model's dtype (fp32 here)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
 from array import array
@@ -60,7 +61,8 @@ class RouteLog:
         cursor from another epoch (the board was recreated) reads from the start."""
         if epoch != self.epoch:
             cursor = 0
-        fresh = [e for e in self._entries if e.seq > cursor and e.router_id != router_id]
+        skip = 0 if not self._entries else max(0, cursor + 1 - self._entries[0].seq)  # seqs are consecutive
+        fresh = [e for e in itertools.islice(self._entries, skip, None) if e.router_id != router_id]
         return self.epoch, self._seq, fresh
 
     async def wait_since(
