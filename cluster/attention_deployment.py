@@ -48,6 +48,7 @@ class AttentionDeployment:
     async def __init__(self, spec: dict[str, Any], pool: DeploymentHandle | None) -> None:  # type: ignore[misc]
         import torch
 
+        from mimo.device import device_for_gpus
         from mimo.tokenizer import Tokenizer
         from mimo.weights import load_model
         from replicas.async_engine import AsyncEngine
@@ -60,7 +61,10 @@ class AttentionDeployment:
         self.spec = ClusterSpec.model_validate(spec)
         torch.set_num_threads(self.spec.engine.threads)
         dtype = getattr(torch, self.spec.model.dtype)
-        model = load_model(self.spec.model.path, dtype=dtype, experts="none" if pool else "all")
+        device = device_for_gpus(self.spec.attention.num_gpus)
+        model = load_model(
+            self.spec.model.path, dtype=dtype, device=device, experts="none" if pool else "all"
+        )
         engine = Engine(model, Tokenizer.from_dir(self.spec.model.path), engine_config(self.spec))
         self.pool = pool
         self.dispatcher: ExpertDispatcher | None = None

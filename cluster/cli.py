@@ -25,6 +25,7 @@ RELEASED_CONFIG = (
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from mimo.device import pick_device
     from mimo.tokenizer import Tokenizer
     from mimo.weights import load_model
     from replicas.engine import Engine, GenerateRequest
@@ -32,7 +33,7 @@ def _generate(args: argparse.Namespace) -> int:
     from replicas.sampling_params import SamplingParams
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = load_model(args.model, dtype=dtype, progress=False)
+    model = load_model(args.model, dtype=dtype, device=pick_device(args.device), progress=False)
     tokenizer = Tokenizer.from_dir(args.model)
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--mtp", type=int, default=0, help="MTP draft tokens per step (0 = off, up to 3)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument(
+        "--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
+    )
     gen.add_argument("--json", action="store_true", help="print one JSON line with token ids and timing")
     gen.set_defaults(func=_generate)
 

@@ -176,9 +176,23 @@ def load_model(
     names = select_names(cfg, mtp=mtp, experts=experts)
     state = stack_experts(cfg, load_tensors(reader, names, dtype, device, progress))
     model.load_state_dict(state, strict=False, assign=True)
+    move_buffers(model, device)
     cast_model(model, dtype)
     model.eval()
     return model
+
+
+def move_buffers(module: torch.nn.Module, device: str | torch.device) -> None:
+    """Puts the buffers built on the CPU (RoPE frequencies, expert-slot maps) on the weights' device.
+
+    A model built on meta and filled with load_state_dict(assign=True) takes each weight's device,
+    but the buffers it computed itself stay where they were made; `module.to` cannot be used
+    instead, since an attention replica's expert weights stay on meta.
+    """
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and not buf.is_meta and buf.device != torch.device(device):
+                sub._buffers[name] = buf.to(device)
 
 
 def _quant_dict(config: MiMoConfig) -> dict[str, object] | None:

@@ -191,11 +191,12 @@ class ExpertDispatcher:
     def collect(self, pending: Pending, like: torch.Tensor) -> torch.Tensor:
         try:
             partials = self.transport.wait(pending.handle)
+            # remote shards answer on the host: results join the caller's device and dtype
             if len(partials) == 1 and pending.messages[0].is_every_row:
-                return partials[0].to(like.dtype)
+                return partials[0].to(like.device, like.dtype)
             out = torch.zeros_like(like)
             for message, partial in zip(pending.messages, partials, strict=True):
-                out.index_add_(0, message.rows, partial.to(out.dtype))
+                out.index_add_(0, message.rows, partial.to(out.device, out.dtype))
             return out
         finally:
             self._done(pending.generation)

@@ -32,6 +32,7 @@ import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from mimo.device import device_for_gpus
 from replicas.cpu_policy import run_as_batch_worker
 from replicas.dispatch import ExpertDispatcher, ExpertTransport, ShardMessage
 from replicas.expert_placement import ExpertKey, ExpertPlacement
@@ -45,27 +46,24 @@ WORKER_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "OMP_WAIT_POLICY": "PAS
 class ExpertShardActor:
     """Ray actor body (wrapped with ray.remote by `ExpertPool`)."""
 
-    def __init__(self, path: str, keys: list[ExpertKey], dtype: str, threads: int) -> None:
+    def __init__(self, path: str, keys: list[ExpertKey], dtype: str, threads: int, num_gpus: float) -> None:
         torch.set_num_threads(threads)
         run_as_batch_worker()  # a woken shard does not preempt the attention replica's fan-out
         self.path = path
         self.dtype = getattr(torch, dtype)
-        self.shard = ExpertShard.load(path, keys, self.dtype)
+        self.device = device_for_gpus(num_gpus)
+        self.shard = ExpertShard.load(path, keys, self.dtype, self.device)
         # calls from several attention replicas (or two ping-pong micro-batches) arrive on the
         # actor's threads: one compute at a time keeps the shard's load counters exact
         self.lock = threading.Lock()
 
-    def compute(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        with self.lock:
-            return self.shard.compute(layer, x, ids, weights)
-
     def compute_packed(self, layer: int, payload: np.ndarray) -> np.ndarray:
         """payload [R, H + 2k] fp32 (`wire.pack`) -> partial output [R, H] fp32."""
-        body = torch.from_numpy(payload if payload.flags.writeable else payload.copy())
+        body = torch.from_numpy(payload if payload.flags.writeable else payload.copy()).to(self.device)
         x, ids, weights = unpack(body, self.shard.config.hidden_size)
         with self.lock:
             out = self.shard.compute(layer, x, ids, weights)
-        result: np.ndarray = out.float().numpy()
+        result: np.ndarray = out.float().cpu().numpy()
         return result
 
     def keys(self) -> list[ExpertKey]:
@@ -82,7 +80,7 @@ class ExpertShardActor:
         missing = sorted(set(keys) - set(old.keys))
         if missing:
             union = sorted(set(old.keys) | set(keys))
-            merged = ExpertShard.load(self.path, union, self.dtype)
+            merged = ExpertShard.load(self.path, union, self.dtype, self.device)
             self.shard = merged  # one reference assignment: a compute in flight keeps its shard
         return len(missing)
 
@@ -178,7 +176,7 @@ def start_shard(
             runtime_env={"env_vars": WORKER_ENV},
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
         )
-        .remote(str(path), keys, dtype, resources.threads)
+        .remote(str(path), keys, dtype, resources.threads, resources.num_gpus)
     )
 
 

@@ -20,7 +20,7 @@ import torch
 from mimo.checkpoint import CheckpointReader
 from mimo.config import MiMoConfig
 from mimo.moe import Experts, Routing
-from mimo.weights import load_tensors, select_names, stack_experts
+from mimo.weights import load_tensors, move_buffers, select_names, stack_experts
 from replicas.expert_placement import ExpertKey
 
 
@@ -34,7 +34,10 @@ class ExpertShard:
 
     @staticmethod
     def load(
-        path: str | Path, keys: Sequence[ExpertKey], dtype: torch.dtype = torch.float32, device: str = "cpu"
+        path: str | Path,
+        keys: Sequence[ExpertKey],
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ) -> ExpertShard:
         config = MiMoConfig.from_file(path)
         reader = CheckpointReader(Path(path))
@@ -51,6 +54,7 @@ class ExpertShard:
             module.load_state_dict(
                 {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, assign=True
             )
+            move_buffers(module, device)
             experts[layer] = module.eval()
         return ExpertShard(config, experts)
 
@@ -63,7 +67,7 @@ class ExpertShard:
         for layer, ids in by_layer.items():
             old = self.experts[layer]
             ids = sorted(ids)
-            index = old.local_index[torch.tensor(ids)]
+            index = old.local_index[torch.tensor(ids, device=old.local_index.device)]
             assert bool((index >= 0).all()), f"layer {layer}: subset asks for experts not held here"
             with torch.device("meta"):
                 module = Experts(self.config, expert_ids=ids)

@@ -176,7 +176,7 @@ def _logprobs(logits: torch.Tensor, emitted: list[int], row: RowState) -> TokenL
     if top_n is None:
         return None
     logp = torch.log_softmax(logits[: len(emitted)], dim=-1)
-    chosen = logp.gather(1, torch.tensor(emitted).unsqueeze(1)).squeeze(1).tolist()
+    chosen = logp.gather(1, torch.tensor(emitted, device=logp.device).unsqueeze(1)).squeeze(1).tolist()
     top: list[list[tuple[int, float]]] = [[] for _ in emitted]
     if top_n > 0:
         values, ids = logp.topk(top_n, dim=-1)

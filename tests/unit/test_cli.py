@@ -61,3 +61,8 @@ def test_invalid_sampling_values(
 ) -> None:
     """Catches invalid sampling values being accepted silently."""
     assert field in _error(capsys, ["generate", "--prompt", "hi", flag, value])
+
+
+def test_generate_with_an_unknown_device_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _error(capsys, ["generate", "--prompt", "hi", "--max-tokens", "2", "--device", "gpu0"])
+    assert "device 'gpu0'" in err
