@@ -69,7 +69,7 @@ class AttentionSpec(_Spec):
     min_replicas: int = Field(2, ge=1, description="autoscaling lower bound")
     max_replicas: int = Field(4, ge=1, description="autoscaling upper bound")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per replica; > 0 runs its engine on CUDA")
     max_ongoing_requests: int = Field(128, ge=1, description="Serve's in-flight limit per replica")
 
     @model_validator(mode="after")
@@ -86,7 +86,7 @@ class ExpertsSpec(_Spec):
         "ray", description="local: experts inside each attention replica; ray: shared shard actors"
     )
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per shard")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per shard")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per shard; > 0 holds its experts on CUDA")
     threads: int = Field(1, ge=1, description="torch intra-op threads per shard")
     placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD"] = Field(
         "SPREAD", description="placement group strategy for the shards over nodes"
