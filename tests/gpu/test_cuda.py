@@ -74,7 +74,7 @@ def _prompts() -> list[list[int]]:
 def _engine(model: MiMoForCausalLM, drafts: int, kv_mib: float = 64, max_model_len: int = 2048) -> Engine:
     config = EngineConfig(
         num_mtp_drafts=drafts, kv_cache_bytes=int(kv_mib * 2**20), max_model_len=max_model_len,
-        max_num_batched_tokens=256, max_prefill_chunk=96, block_size=16,
+        max_num_batched_tokens=512, max_prefill_chunk=256, block_size=16,
         kv_dtype_bytes=model.lm_head.weight.element_size(),
     )  # fmt: skip
     return Engine(model, _tokenizer(), config)
@@ -91,19 +91,27 @@ def _tokens(chunks: list[Chunk]) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
 
 
-@lru_cache(maxsize=1)
-def _transformers_greedy() -> tuple[tuple[int, ...], ...]:
-    ref = transformers.MiMoV2FlashForCausalLM.from_pretrained(TINY, dtype=torch.float32).to(DEVICE).eval()
+def transformers_greedy(path: Path, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """The reference: transformers' own model from the same files on DEVICE, greedy, EOS ignored."""
+    ref = transformers.MiMoV2FlashForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).eval()
     outs = []
-    for prompt in _prompts():
+    for prompt in prompts:
         ids = torch.tensor([prompt], device=DEVICE)
         with torch.no_grad():
             out = ref.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
                 eos_token_id=None, pad_token_id=0,
             )  # fmt: skip
-        outs.append(tuple(out[0, len(prompt) :].tolist()))
-    return tuple(outs)
+        outs.append(out[0, len(prompt) :].tolist())
+    del ref
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+    return outs
+
+
+@lru_cache(maxsize=1)
+def _transformers_greedy() -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(t) for t in transformers_greedy(TINY, _prompts(), NEW_TOKENS))
 
 
 def _free_blocks_all_back(engine: Engine) -> None:
@@ -126,10 +134,10 @@ def test_trained_tiny_engine_on_cuda_matches_transformers_on_cuda(drafts: int) -
 def test_engine_on_cuda_equals_engine_on_cpu_under_preemption() -> None:
     """A KV budget too small for the batch forces preemption by recompute on both devices."""
     prompts = _prompts()
-    engine = _engine(load_model(TINY, device=DEVICE), 0, kv_mib=4, max_model_len=768)
+    engine = _engine(load_model(TINY, device=DEVICE), 0, kv_mib=6, max_model_len=768)
     cuda = _greedy_tokens(engine, prompts)
     assert engine.scheduler.num_preemptions_total > 0
-    cpu = _greedy_tokens(_engine(load_model(TINY, device="cpu"), 0, kv_mib=4, max_model_len=768), prompts)
+    cpu = _greedy_tokens(_engine(load_model(TINY, device="cpu"), 0, kv_mib=6, max_model_len=768), prompts)
     assert cuda == cpu
     assert [tuple(g) for g in cuda] == list(_transformers_greedy())
 

@@ -23,12 +23,11 @@ from replicas.engine import Engine, GenerateRequest
 from replicas.engine_config import EngineConfig
 from replicas.sampling_params import SamplingParams
 from tests.factory import random_config_dict, write_random_checkpoint
-from tests.gpu.test_cuda import DEVICE, TINY
+from tests.gpu.test_cuda import DEVICE, TINY, transformers_greedy
 
 pytestmark = pytest.mark.skipif(
     DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device"
 )
-transformers = pytest.importorskip("transformers")
 
 SCALE = int(os.environ.get("MIMO_GEOMETRY_SCALE", "1"))
 NEW_TOKENS = 12
@@ -67,34 +66,22 @@ def strict_fp32() -> None:
 
 
 def test_released_geometry_engine_on_cuda_matches_transformers(tmp_path: Path) -> None:
-    """Prompts of 20, 140 and 300 tokens (one and two windows past 128), prefilled in 128-token
-    chunks, MTP drafting on: greedy tokens must equal transformers' one by one."""
+    """Prompts of 20, 140 and 600 tokens (up to 4 windows past 128), prefilled in 512-token chunks
+    (attended in 128-query blocks), MTP drafting on: greedy tokens must equal transformers' one by
+    one."""
     cfg = released_geometry()
     write_random_checkpoint(tmp_path, cfg, seed=3)
     gen = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(2, int(cfg["vocab_size"]), (n,), generator=gen).tolist() for n in (20, 140, 300)]
+    prompts = [torch.randint(2, int(cfg["vocab_size"]), (n,), generator=gen).tolist() for n in (20, 140, 600)]
 
-    ref = transformers.MiMoV2FlashForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).to(DEVICE).eval()
-    expected = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt], device=DEVICE)
-        with torch.no_grad():
-            out = ref.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
-                eos_token_id=None, pad_token_id=0,
-            )  # fmt: skip
-        expected.append(out[0, len(prompt) :].tolist())
-    del ref
-    if DEVICE == "cuda":
-        torch.cuda.empty_cache()
-
+    expected = transformers_greedy(tmp_path, prompts, NEW_TOKENS)
     model = load_model(tmp_path, device=DEVICE)
     engine = Engine(
         model,
         Tokenizer.from_dir(TINY),  # ids only: the text it decodes is not checked
         EngineConfig(
             num_mtp_drafts=1, kv_cache_bytes=256 * 2**20, max_model_len=1024, block_size=16,
-            max_num_batched_tokens=256, max_prefill_chunk=128,
+            max_num_batched_tokens=1024, max_prefill_chunk=512,
         ),
     )  # fmt: skip
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
