@@ -303,7 +303,7 @@ def _banded(
     num_kv_heads: int, group: int,
 ) -> torch.Tensor:  # fmt: skip
     """A prefill chunk in query blocks, each against only the keys it can see: the same result as
-    `_full` with fewer scores and no chunk-sized mask. On SWA pools a block sees window + block keys
+    `_full` with fewer scores and no mask expanded per head. On SWA pools a block sees window + block keys
     instead of window + chunk (a 2,048-query chunk with the release's 128 window: 8.5x fewer); on GA
     pools the keys after the block are skipped (about half of a first chunk's). The sink key (the
     last, zero) joins every block."""
