@@ -196,8 +196,22 @@ class LateGateway:
 
     def route_follow_ups(self, salt: str) -> list[str]:
         _send(self._handle, [99] * 13, "warm-up", dry_run=True).result(timeout_s=30)
-        time.sleep(5 * STATS_PERIOD_S)
+        time.sleep(15 * STATS_PERIOD_S)  # reports, and the board's reply to its first long poll
         return _route_follow_ups(self._handle, salt)
+
+
+def _wait_for_new_board(name: str, killed_id: object, timeout_s: float) -> None:
+    """Until the driver's router has noticed the kill and created the board again: placements
+    it publishes before then go to the dead board and are dropped (best effort, by design)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if ray.get_actor(name)._actor_id != killed_id:
+                return
+        except ValueError:  # no actor of that name (yet)
+            pass
+        assert time.monotonic() < deadline, "the driver's router did not create the board again"
+        time.sleep(0.2)
 
 
 def test_gateway_routers_share_guesses_through_the_route_board(ray_cluster: object) -> None:
@@ -229,7 +243,9 @@ def test_gateway_routers_share_guesses_through_the_route_board(ray_cluster: obje
             assert sum(h != tie_first for h in holders) == 4
             late = ray.remote(num_cpus=0)(LateGateway).remote(app_name)
             assert ray.get(late.route_follow_ups.remote(salt), timeout=60) == holders
-            ray.kill(ray.get_actor("test-route-board"))
-            time.sleep(RETRY_S + 1.0)  # the driver's router notices and creates a new board
+            ray.kill(late)  # so that the board is created again by the driver's router, not by this one
+            killed = ray.get_actor("test-route-board")
+            ray.kill(killed)
+            _wait_for_new_board("test-route-board", killed._actor_id, timeout_s=30.0 + RETRY_S)
     finally:
         serve.shutdown()
