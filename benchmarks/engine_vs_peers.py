@@ -157,10 +157,13 @@ def run_transformers(
     return {"tokens": produced, "seconds": elapsed, "tok_s": produced / elapsed}
 
 
-def run_vllm(python: Path, path: Path, batch: list[list[int]], new_tokens: int) -> dict[str, Any]:
+def run_vllm(
+    python: Path, path: Path, batch: list[list[int]], new_tokens: int, max_model_len: int = 1024
+) -> dict[str, Any]:
+    """One `vllm_worker.py` run in vLLM's venv: its JSON line (tokens, seconds, tok_s)."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_TARGET_DEVICE": "cpu"}
     proc = subprocess.run(
-        [str(python), str(VLLM_WORKER), str(path), json.dumps(batch), str(new_tokens)],
+        [str(python), str(VLLM_WORKER), str(path), json.dumps(batch), str(new_tokens), str(max_model_len)],
         capture_output=True, text=True, env=env, timeout=1800,
     )  # fmt: skip
     for line in reversed(proc.stdout.splitlines()):
@@ -181,6 +184,14 @@ def make_vllm_venv(venv: Path) -> Path:
             [str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"]
         )
     return python
+
+
+def write_results(results: dict[str, Any], out: Path) -> None:
+    """Stamps the load average at the end (how quiet the shared machine stayed) and writes the JSON."""
+    results["setup"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -292,10 +303,7 @@ def main() -> None:
             table[str(b)] = row
             print(label, b, json.dumps(row["ratios"]), flush=True)
         results["models"][label] = table
-    results["setup"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import replicas.paged_attention as paged_attention  # noqa: E402
-from benchmarks.engine_vs_peers import CACHE, TINY, VLLM_WORKER, make_qkv_variant, prompts  # noqa: E402
+from benchmarks.engine_vs_peers import (  # noqa: E402
+    CACHE,
+    TINY,
+    make_qkv_variant,
+    prompts,
+    run_vllm,
+    write_results,
+)
 from mimo.tokenizer import Tokenizer  # noqa: E402
 from mimo.weights import load_model  # noqa: E402
 from replicas.engine import Engine, GenerateRequest  # noqa: E402
@@ -74,15 +80,7 @@ def ttft_transformers(path: Path, prompt: list[int]) -> float:
 
 
 def ttft_vllm(python: Path, path: Path, prompt: list[int]) -> float:
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_TARGET_DEVICE": "cpu"}
-    proc = subprocess.run(
-        [str(python), str(VLLM_WORKER), str(path), json.dumps([prompt]), "1", str(len(prompt) + 8)],
-        capture_output=True, text=True, env=env, timeout=1800,
-    )  # fmt: skip
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return float(json.loads(line)["seconds"])
-    raise RuntimeError(f"vLLM worker failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return float(run_vllm(python, path, [prompt], 1, max_model_len=len(prompt) + 8)["seconds"])
 
 
 def main() -> None:
@@ -132,10 +130,7 @@ def main() -> None:
             }
             print(label, length, json.dumps(table[str(length)]["ttft_ms_median"]), flush=True)
         results["models"][label] = table
-    results["setup"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

@@ -76,11 +76,13 @@ class Band:
         return Band(self.block, self.window, self.min_shift + start, self.max_shift + start)
 
 
-def band_for(num_q: int, window: int | None, shifts: torch.Tensor) -> Band | None:
-    """The band of a group of `num_q` queries per segment, or None when it is attended whole."""
+def band_for(num_q: int, window: int | None, starts: torch.Tensor, firsts: torch.Tensor) -> Band | None:
+    """The band of a group of `num_q` queries per segment (its segments' start and first key
+    positions), or None when it is attended whole (decode and MTP steps: no tensor op)."""
     block = BANDED_GA_QUERIES if window is None else max(window, BANDED_MIN_QUERIES)
     if num_q < BANDED_MIN_BLOCKS * block:
         return None
+    shifts = starts - firsts
     return Band(block, window, int(shifts.min()), int(shifts.max()))
 
 
@@ -229,7 +231,7 @@ def _group(
         visible &= delta <= window
     mask = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
     mask = mask.view(1, b, 1, num_q, num_keys).to(device)
-    band = band_for(num_q, window, starts - firsts)
+    band = band_for(num_q, window, starts, firsts)
     mask_3d = None
     if not has_sink and band is None:
         mask_3d = mask.expand(num_kv_heads, b, group, num_q, num_keys).reshape(
