@@ -1,0 +1,87 @@
+"""`Experts` picks one of five computations by batch shape (`mimo/moe.py`); each must equal the
+plain per-token sum over the token's chosen experts, whichever it is, for a whole layer and for a
+shard holding a subset of the experts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimo.config import MiMoConfig
+from mimo.moe import Experts, Routing
+from tests.factory import random_config_dict
+
+CONFIG = MiMoConfig.from_hub_dict(random_config_dict())  # 16 experts, top-4, hidden 64
+PATHS = ("_single_token", "_union", "_dense", "_padded", "_grouped")
+
+
+def _experts(expert_ids: list[int] | None) -> Experts:
+    experts = Experts(CONFIG, expert_ids)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (experts.gate_up_proj, experts.down_proj):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return experts
+
+
+def _routing(num_rows: int, skew: float, seed: int) -> Routing:
+    """Top-4 of 16 per row; skew > 0 sends most rows to the first experts (a trained router)."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_rows, CONFIG.num_experts, generator=gen)
+    scores -= skew * torch.arange(CONFIG.num_experts) / CONFIG.num_experts
+    ids = scores.topk(CONFIG.num_experts_per_tok, dim=-1).indices
+    weights = torch.rand(ids.shape, generator=gen)
+    return Routing(ids, weights / weights.sum(-1, keepdim=True))
+
+
+def _reference(experts: Experts, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    held = experts.expert_ids
+    for row in range(x.shape[0]):
+        for e, w in zip(routing.expert_ids[row].tolist(), routing.weights[row].tolist(), strict=True):
+            if e not in held:
+                continue
+            local = held.index(e)
+            gate, up = F.linear(x[row], experts.gate_up_proj[local]).split(experts.intermediate_size)
+            out[row] += w * F.linear(F.silu(gate) * up, experts.down_proj[local])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("num_rows", "skew", "expected"),
+    [
+        (1, 0.0, "_single_token"),  # decode of one sequence
+        (2, 3.0, "_union"),  # an MTP verify: few rows, few distinct experts
+        (8, 0.0, "_dense"),  # small decode batch touching most experts
+        (32, 0.0, "_padded"),  # decode at 32 sequences
+        (32, 3.0, "_padded"),  # the same, skewed
+        (300, 0.0, "_padded"),  # a prefill chunk spread evenly
+        (300, 3.0, "_grouped"),  # a skewed prefill chunk: padding would waste > 1.5x
+    ],
+)
+@pytest.mark.parametrize("expert_ids", [None, [1, 3, 4, 8, 9, 12, 14, 15]], ids=["layer", "shard"])
+def test_every_path_equals_per_token_reference(
+    num_rows: int, skew: float, expected: str, expert_ids: list[int] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches a path that drops, duplicates or misweights a (row, expert) pair, or mixes rows."""
+    experts = _experts(expert_ids)
+    ran: list[str] = []
+    for name in PATHS:
+        method = getattr(Experts, name)
+
+        def spy(self: Experts, *args: object, _name: str = name, _method: object = method) -> torch.Tensor:
+            ran.append(_name)
+            return _method(self, *args)  # type: ignore[operator]
+
+        monkeypatch.setattr(Experts, name, spy)
+    x = torch.randn(num_rows, CONFIG.hidden_size, generator=torch.Generator().manual_seed(1))
+    routing = _routing(num_rows, skew, seed=num_rows)
+    with torch.no_grad():
+        got = experts(x, routing)
+        want = _reference(experts, x, routing)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if expert_ids is None:  # a shard's smaller expert count moves the size boundaries
+        assert ran == [expected]
+    else:
+        assert len(ran) == 1
