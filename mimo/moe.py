@@ -19,21 +19,20 @@ from mimo.config import MiMoConfig
 
 # A single token with up to this many chosen experts takes the plain loop (decode at batch 1).
 _PAIR_LOOP_MAX = 16
-# Small batches compute every local expert on every row while rows x local experts is at most this.
-# Beyond it (decode at 32 sequences of the tiny model) the padded path computes fewer rows: a
-# batch-32 decode step was 5-9% faster with it than with this path, measured here in an
-# interleaved A/B; at 2-16 rows the two are within noise (both read every expert's weights).
-_DENSE_MAX_ROW_EXPERTS = 256
 # Padded batched experts while E_local x max rows per expert stays within this many x the pairs,
 # or within _PADDED_SMALL_ROW_EXPERTS: a decode-size batch, where the per-expert loop's ops cost
-# more than the padding (at 32 rows its 16 matmul pairs were slower than padding 2-4x).
+# more than the padding (at 32 rows its 16 matmul pairs were slower than padding 2-4x). Decode
+# batches of 2-32 rows used to compute every local expert on every row in two matmuls instead; in
+# interleaved A/Bs here the padded path's decode steps were 1-11% faster at 8, 16 and 32 rows.
 # Trained routers are skewed (a 512-token chunk of the tiny model: 0 to 460 rows per expert), so a
 # looser bound pads most prefill chunks 3-4x: 2.2-2.6x slower than per-expert matmuls at 256-512
 # rows, measured here.
 _PADDED_WASTE_MAX = 1.5
 _PADDED_SMALL_ROW_EXPERTS = 512
-# A small batch whose rows together chose at most this fraction of the local experts loops over
-# those experts (an MTP verify of 4 rows picks ~5 of 16: reading 5 experts' weights beats all 16).
+# A small batch (rows x local experts at most _UNION_MAX_ROW_EXPERTS) whose rows together chose at
+# most this fraction of the local experts loops over those experts (an MTP verify of 4 rows picks
+# ~5 of 16: reading 5 experts' weights beats all 16).
+_UNION_MAX_ROW_EXPERTS = 256
 _UNION_MAX_FRACTION = 0.5
 
 
@@ -79,10 +78,10 @@ class Experts(nn.Module):
         h, inter = config.hidden_size, config.moe_intermediate_size
         self.expert_ids = tuple(ids)
         self.intermediate_size = inter
-        # Shapes are the hub's (gate_up [E, 2I, H], down [E, H, I]); storage is laid out for the
-        # matmuls: gate_up as [H, E, 2I] (`_dense` multiplies by all experts' gate_up at once, a view;
-        # bmm reads it strided), down as [E, I, H] (a view for `_dense`, contiguous for bmm).
-        self.gate_up_proj = nn.Parameter(torch.empty(h, len(ids), 2 * inter).permute(1, 2, 0))
+        # Shapes are the hub's (gate_up [E, 2I, H], down [E, H, I]); gate_up is stored as the hub's
+        # (bmm reads it transposed, which BLAS and oneDNN take as is), down as [E, I, H] (contiguous
+        # for bmm; `_union` reads each expert's transposed).
+        self.gate_up_proj = nn.Parameter(torch.empty(len(ids), 2 * inter, h))
         self.down_proj = nn.Parameter(torch.empty(len(ids), inter, h).transpose(1, 2))
         # load_state_dict(assign=True) installs the checkpoint's contiguous tensors: lay them out again
         self.register_load_state_dict_post_hook(_relayout_after_load)
@@ -92,24 +91,19 @@ class Experts(nn.Module):
         local[torch.tensor(ids, dtype=torch.long, device="cpu")] = torch.arange(len(ids), device="cpu")
         self.local_index: torch.Tensor
         self.register_buffer("local_index", local, persistent=False)
-        # the same map with "not held" sent to an extra column (len(ids)) that `_dense` drops
-        self.dense_column: torch.Tensor
-        self.register_buffer("dense_column", torch.where(local >= 0, local, len(ids)), persistent=False)
+        # the same map with "not held" sent to an extra column (len(ids)) that `_row_weights` drops
+        self.weight_column: torch.Tensor
+        self.register_buffer("weight_column", torch.where(local >= 0, local, len(ids)), persistent=False)
         self.local_ids: list[int] = local.tolist()  # local_index as a list, for host-side bookkeeping
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N, H] -> [N, H]: sum over the token's chosen experts held here of weight * expert(x)."""
         top_k = routing.expert_ids.shape[1]
         num_rows, num_local = x.shape[0], len(self.expert_ids)
-        if (
-            num_rows > 1
-            and num_rows * num_local <= _DENSE_MAX_ROW_EXPERTS
-            and 2 * num_rows * top_k >= num_local
-        ):
+        if num_rows > 1 and num_rows * num_local <= _UNION_MAX_ROW_EXPERTS:
             chosen = sorted({self.local_ids[e] for e in routing.expert_ids.view(-1).tolist()} - {-1})
             if len(chosen) <= _UNION_MAX_FRACTION * num_local:
                 return self._union(x, routing, chosen)
-            return self._dense(x, routing)
         local = self.local_index[routing.expert_ids].reshape(-1)  # [N*k], -1 where not held here
         if local.numel() <= _PAIR_LOOP_MAX and x.shape[0] == 1:
             return self._single_token(x, local.tolist(), routing.weights.reshape(-1).tolist())
@@ -132,18 +126,6 @@ class Experts(nn.Module):
             expert_out = self._grouped(x[tokens], experts_sorted, counts.tolist())
         return out.index_add(0, tokens, expert_out * weights[:, None])
 
-    def _dense(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Every local expert on every row, weighted by the routing (0 where not chosen): two matmuls
-        and a few ops. Taken for small batches that touch most local experts anyway (the weights read
-        are the same as the sparse paths'; the extra FLOPs are bounded by _DENSE_MAX_ROW_EXPERTS)."""
-        num_rows, num_local, inter = x.shape[0], len(self.expert_ids), self.intermediate_size
-        gate_up = x @ self.gate_up_proj.permute(2, 0, 1).reshape(x.shape[1], num_local * 2 * inter)
-        weights = self._row_weights(x, routing)  # [N, E_local]
-        act = self._swiglu(gate_up.view(num_rows, num_local, 2 * inter)) * weights.unsqueeze(2)
-        return act.view(num_rows, num_local * inter) @ self.down_proj.transpose(1, 2).reshape(
-            num_local * inter, -1
-        )
-
     def _union(self, x: torch.Tensor, routing: Routing, chosen: list[int]) -> torch.Tensor:
         """Every row through each local expert that any row chose (weight 0 where that row did not):
         reads only the chosen experts' weights, a few ops per expert."""
@@ -164,7 +146,7 @@ class Experts(nn.Module):
         """[N, E_local]: each row's combine weight per local expert (0 where it did not choose it)."""
         num_local = len(self.expert_ids)
         return x.new_zeros(x.shape[0], num_local + 1).scatter_(
-            1, self.dense_column[routing.expert_ids], routing.weights.to(x.dtype)
+            1, self.weight_column[routing.expert_ids], routing.weights.to(x.dtype)
         )[:, :num_local]
 
     def _swiglu(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -219,7 +201,7 @@ class MoE(nn.Module):
 
 
 # storage order of each expert weight: dims of the hub shape, outermost first (see Experts.__init__)
-_STORAGE_ORDER = {"gate_up_proj": (2, 0, 1), "down_proj": (0, 2, 1)}
+_STORAGE_ORDER = {"down_proj": (0, 2, 1)}
 
 
 def _relayout_after_load(module: nn.Module, incompatible_keys: object) -> None:

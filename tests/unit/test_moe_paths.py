@@ -1,4 +1,4 @@
-"""`Experts` picks one of five computations by batch shape (`mimo/moe.py`); each must equal the
+"""`Experts` picks one of four computations by batch shape (`mimo/moe.py`); each must equal the
 plain per-token sum over the token's chosen experts, whichever it is, for a whole layer and for a
 shard holding a subset of the experts."""
 
@@ -13,7 +13,7 @@ from mimo.moe import Experts, Routing
 from tests.factory import random_config_dict
 
 CONFIG = MiMoConfig.from_hub_dict(random_config_dict())  # 16 experts, top-4, hidden 64
-PATHS = ("_single_token", "_union", "_dense", "_padded", "_grouped")
+PATHS = ("_single_token", "_union", "_padded", "_grouped")
 
 
 def _experts(expert_ids: list[int] | None) -> Experts:
@@ -53,7 +53,7 @@ def _reference(experts: Experts, x: torch.Tensor, routing: Routing) -> torch.Ten
     [
         (1, 0.0, "_single_token"),  # decode of one sequence
         (2, 3.0, "_union"),  # an MTP verify: few rows, few distinct experts
-        (8, 0.0, "_dense"),  # small decode batch touching most experts
+        (8, 0.0, "_padded"),  # small decode batch touching most experts
         (32, 0.0, "_padded"),  # decode at 32 sequences
         (32, 3.0, "_padded"),  # the same, skewed
         (300, 0.0, "_padded"),  # a prefill chunk spread evenly
