@@ -117,10 +117,9 @@ class Experts(nn.Module):
         tokens = slots // top_k
         weights = routing.weights.reshape(-1)[slots].to(x.dtype)
         experts_sorted = local_held[order]
-        counts = torch.bincount(experts_sorted, minlength=len(self.expert_ids))
+        counts = torch.bincount(experts_sorted, minlength=num_local)
         capacity = int(counts.max())
-        padded_rows = capacity * len(self.expert_ids)
-        if padded_rows <= max(_PADDED_WASTE_MAX * held.numel(), _PADDED_SMALL_ROW_EXPERTS):
+        if capacity * num_local <= max(_PADDED_WASTE_MAX * held.numel(), _PADDED_SMALL_ROW_EXPERTS):
             expert_out = self._padded(x[tokens], experts_sorted, counts, capacity)
         else:
             expert_out = self._grouped(x[tokens], experts_sorted, counts.tolist())
@@ -168,7 +167,7 @@ class Experts(nn.Module):
         self, rows: torch.Tensor, experts_sorted: torch.Tensor, counts: torch.Tensor, capacity: int
     ) -> torch.Tensor:
         """Rows scattered into a zero-padded [E_local, capacity, H] batch: two bmm calls for all experts
-        (a few ops instead of a loop over experts; padding wastes at most _PADDED_WASTE_MAX x)."""
+        (a few ops instead of a loop over experts; `forward` bounds the padding)."""
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(rows.shape[0], device=rows.device) - starts[experts_sorted]
         batch = rows.new_zeros(len(self.expert_ids), capacity, rows.shape[1])
