@@ -25,7 +25,10 @@ Each policy starts on fresh replicas (new Serve applications or new worker proce
 system prompts begin with a run-specific line, so no run can hit another run's blocks. Reported per
 policy: the engines' prefix-cache hit rate (sum of usage cached_tokens / prompt tokens), client-side
 TTFT p50/p99 (request sent -> first streamed chunk), requests/s and output tokens/s, median of
-`--runs`, with ratios to the oracle and to ours. Writes benchmarks/results/routing.json.
+`--runs`, with ratios to the oracle and to ours, and the CPU each serving role spent per request
+(`benchmarks/process_cpu.py`: Serve's proxy, our gateway, the attention replicas, sglang-router,
+...; every process of the run shares this host's cores, so a hop's CPU is taken from the engines).
+Writes benchmarks/results/routing.json.
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ for key, value in {
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.process_cpu import cpu_seconds, snapshot  # noqa: E402
 from benchmarks.routing_trace import (  # noqa: E402
+    CPU_PREFIX,
     RequestResult,
     Trace,
     ceiling_hit_rate,
@@ -194,14 +199,18 @@ def run_policy(
         summaries = []
         for run in range(args.runs):
             await asyncio.sleep(args.settle_s)  # replicas idle, reports current
+            before = snapshot()
             results, wall_s = await replay(
                 trace, next(nonces), send, args.concurrency, args.arrival_interval_s
             )
+            spent = cpu_seconds(before, snapshot())
             if args.details is not None:  # every request, for looking into one policy's tail
                 args.details.mkdir(parents=True, exist_ok=True)
                 rows = [dataclasses.asdict(r) for r in sorted(results, key=lambda r: r.start_s)]
                 (args.details / f"{name}_run{run}.json").write_text(json.dumps(rows, indent=1))
-            summary = summarize(results, wall_s)
+            summary = summarize(results, wall_s) | {
+                f"{CPU_PREFIX}{role}": seconds * 1000 / len(results) for role, seconds in spent.items()
+            }
             summaries.append(summary)
             print(
                 f"{name} run {run}: " + json.dumps({k: round(v, 4) for k, v in summary.items()}), flush=True
@@ -550,6 +559,8 @@ def main() -> None:
             "runs": args.runs, "statistic": "median over runs",
             "hit_rate": "sum(usage.prompt_tokens_details.cached_tokens) / sum(usage.prompt_tokens)",
             "ttft": "client-side, request sent -> first streamed chunk with a choice",
+            "cpu_ms_per_request": "CPU seconds (user + system) each role's processes spent during a "
+            "run, over its requests, from /proc; median over runs",
             "oracle": "before each request every replica's engine is asked (POST /probe, KV cache "
             "manager lookup on the engine thread) how many prompt tokens it would hit; the request "
             "goes to the most hits, ties to the fewest in flight, then the lowest index",

@@ -207,16 +207,24 @@ def summarize(results: Sequence[RequestResult], wall_s: float) -> dict[str, floa
     }
 
 
+CPU_PREFIX = "cpu_ms_per_request_"  # per-run CPU of one serving role (benchmarks/process_cpu.py)
 METRICS = ("hit_rate", "ttft_p50_ms", "ttft_p99_ms", "requests_per_s", "output_tokens_per_s")
 
 
 def median_of_runs(runs: Sequence[Mapping[str, float]]) -> dict[str, Any]:
-    """Median of each metric over runs, with the per-run values beside it."""
+    """Median of each metric over runs, with the per-run values beside it; the median CPU per
+    request of each serving role when the runs measured it."""
     if not runs:
         raise ValueError("no runs")
     out: dict[str, Any] = {m: statistics.median(r[m] for r in runs) for m in METRICS}
     out["runs"] = {m: [round(r[m], 4) for r in runs] for m in METRICS}
     out["prompt_tokens"] = runs[0]["prompt_tokens"]
+    cpu_keys = sorted({k for r in runs for k in r if k.startswith(CPU_PREFIX)})
+    if cpu_keys:  # a role missing from a run (no such process then) spent nothing in it
+        out["cpu_ms_per_request"] = {
+            k.removeprefix(CPU_PREFIX): round(statistics.median(r.get(k, 0.0) for r in runs), 2)
+            for k in cpu_keys
+        }
     return out
 
 

@@ -93,6 +93,11 @@ def test_medians_ratios_and_goals() -> None:
     ours = median_of_runs(runs)
     assert (ours["hit_rate"], ours["ttft_p50_ms"], ours["ttft_p99_ms"]) == (0.8, 20, 80)
     assert ours["runs"]["hit_rate"] == [0.8, 0.9, 0.7]
+    assert "cpu_ms_per_request" not in ours  # not measured: not reported as zero
+    runs[0] |= {"cpu_ms_per_request_gateway": 9.0, "cpu_ms_per_request_serve_proxy": 5.0}
+    runs[1] |= {"cpu_ms_per_request_gateway": 7.0}  # no proxy process in this run: it spent nothing
+    runs[2] |= {"cpu_ms_per_request_gateway": 8.0, "cpu_ms_per_request_serve_proxy": 6.0}
+    assert median_of_runs(runs)["cpu_ms_per_request"] == {"gateway": 8.0, "serve_proxy": 5.0}
     policies: dict[str, dict[str, object]] = {
         "oracle": {"hit_rate": 0.82, "ttft_p99_ms": 100.0, "requests_per_s": 4.0, "harness": "a"},
         "ours": {"hit_rate": 0.8, "ttft_p99_ms": 80.0, "requests_per_s": 4.0, "harness": "a"},
