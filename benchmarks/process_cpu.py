@@ -3,9 +3,9 @@ put a router's whole path on one machine and want to show what each hop costs pe
 
 A role is a set of processes recognised by their command line: Ray renames a worker process after
 the actor it hosts (`ray::ServeReplica:mimo:Gateway...`, `ray::ProxyActor`), so the roles below
-find Serve's proxy, our gateway replicas, the attention replicas (ours, or a benchmark's
-`ServeWorker` replicas), Serve's controller, Ray's own daemons, sglang-router and bare worker
-processes. Processes that ended between two snapshots drop out of the difference (their CPU is
+find Serve's proxy, our gateway replicas, direct streaming's route chooser and HAProxy, the
+attention replicas (ours, or a benchmark's `ServeWorker` replicas), Serve's controller, Ray's own
+daemons, sglang-router and bare worker processes. Processes that ended between two snapshots drop out of the difference (their CPU is
 lost, never double counted); off Linux a snapshot is empty and so is every difference.
 """
 
@@ -19,6 +19,8 @@ from pathlib import Path
 ROLES: dict[str, re.Pattern[str]] = {
     "serve_proxy": re.compile(r"ProxyActor"),
     "gateway": re.compile(r"[:#]Gateway\b"),
+    "route_chooser": re.compile(r"[:#]RouteChooser\b"),  # direct streaming's ingress request router
+    "haproxy": re.compile(r"HAProxyManager|/haproxy\b"),  # Serve's HAProxy manager and HAProxy itself
     "attention": re.compile(r"[:#](Attention|Worker)\b|routing_worker\.py"),
     "serve_controller": re.compile(r"ServeController"),
     "ray_system": re.compile(r"\b(raylet|gcs_server)\b"),

@@ -80,23 +80,29 @@ SGLANG_VENV = ROOT / "benchmarks" / ".cache" / "venv-sglang"
 SGLANG_VERSION = "0.3.2"
 WORKER = ROOT / "benchmarks" / "routing_worker.py"
 MODEL = "mimo-tiny"
-APP_POLICIES = ("ours", "round_robin", "power_of_two", "ray_prefix")  # routers inside the Serve app
+# routers inside the Serve app; "ours_direct" is ours with direct streaming (its own Ray cluster)
+APP_POLICIES = ("ours", "ours_direct", "round_robin", "power_of_two", "ray_prefix")
 URL_POLICIES = ("oracle", "sglang_cache_aware")  # routers in front of per-replica URLs
 ALL_POLICIES = URL_POLICIES + APP_POLICIES
+DIRECT = "ours_direct"
+OURS = ("ours", DIRECT)
 SPEC_POLICY = {"ours": "prefix", "round_robin": "round_robin", "power_of_two": "power_of_two"}
 
 # One request: chat messages -> (ttft_s, usage dict), sent however the policy routes.
 Send = Callable[[list[dict[str, str]]], Awaitable[tuple[float, dict[str, Any]]]]
 
 
-def make_spec(args: argparse.Namespace, policy: str = "prefix", port: int = 8000) -> ClusterSpec:
+def make_spec(
+    args: argparse.Namespace, policy: str = "prefix", port: int = 8000, direct: bool = False
+) -> ClusterSpec:
+    gateway = {"port": port, "proxy_location": "HeadOnly", "num_replicas": args.gateway_replicas}
     return ClusterSpec.from_dict(
         {
             "engine": {"kv_cache_mib": args.kv_cache_mib, "max_model_len": 4096, "threads": 1},
             "attention": {"num_replicas": args.replicas, "max_replicas": args.replicas, "num_cpus": 1},
             "experts": {"transport": "local"},
             "router": {"policy": policy},
-            "gateway": {"port": port, "proxy_location": "HeadOnly", "num_replicas": args.gateway_replicas},
+            "gateway": gateway | {"direct_streaming": direct},
             "autoscaling": {"enabled": False},
         }
     )
@@ -257,7 +263,7 @@ def run_serve_policies(
                     print(f"{name}: deployed in {time.perf_counter() - started:.1f} s", flush=True)
                     out[name] = run_url_policy(name, urls, sglang, trace, args, nonces)
                 continue
-            spec = make_spec(args, SPEC_POLICY.get(name, "prefix"), port)
+            spec = make_spec(args, SPEC_POLICY.get(name, "prefix"), port, direct=name == DIRECT)
             router = ray_router_config() if name == "ray_prefix" else None
             serve.run(build_application(spec, request_router=router), name=APP_NAME, route_prefix="/")
             wait_http(f"http://127.0.0.1:{port}/ready", timeout_s=300)
@@ -295,6 +301,27 @@ def serve_workers(spec: ClusterSpec, port: int) -> Iterator[list[str]]:
     finally:
         for name in names:
             serve.delete(name)
+
+
+def run_direct_child(args: argparse.Namespace) -> dict[str, Any]:
+    """The direct-streaming row, from this script run for it alone with DIRECT_STREAMING_ENV set."""
+    import tempfile
+
+    from cluster.spec import DIRECT_STREAMING_ENV
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "direct.json"
+        argv = [
+            sys.executable, __file__, "--policies", DIRECT, "--no-bare-processes", "--out", str(out),
+            "--runs", str(args.runs), "--seed", str(args.seed), "--sessions", str(args.sessions),
+            "--concurrency", str(args.concurrency), "--arrival-interval-s", str(args.arrival_interval_s),
+            "--max-tokens", str(args.max_tokens), "--replicas", str(args.replicas),
+            "--kv-cache-mib", str(args.kv_cache_mib), "--settle-s", str(args.settle_s),
+            *(["--details", str(args.details)] if args.details is not None else []),
+        ]  # fmt: skip
+        subprocess.run(argv, check=True, env=os.environ | DIRECT_STREAMING_ENV)
+        row: dict[str, Any] = json.loads(out.read_text())["policies"][DIRECT]
+        return row
 
 
 def wait_healthy(urls: list[str]) -> list[str]:
@@ -543,7 +570,15 @@ def main() -> None:
         skipped["sglang_cache_aware"] = reason
         print(f"sglang_cache_aware skipped: {reason}", flush=True)
     runnable = [p for p in args.policies if p not in skipped]
-    policies = run_serve_policies(runnable, sglang, trace, args, nonces)
+    # direct streaming needs HAProxy in the whole Ray cluster, switched on before Ray is imported:
+    # this script runs it again for that policy alone, in a child process with the switches set
+    in_child = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+    direct = DIRECT in runnable and not in_child
+    policies = run_serve_policies(
+        [p for p in runnable if not direct or p != DIRECT], sglang, trace, args, nonces
+    )
+    if direct:
+        policies[DIRECT] = run_direct_child(args)
     url_runnable = [p for p in runnable if p in URL_POLICIES]
     bare = run_process_policies(url_runnable, sglang, trace, args, nonces) if args.bare_processes else {}
     spec = make_spec(args)
@@ -576,7 +611,11 @@ def main() -> None:
         "policies": policies,
         "bare_processes": bare,
         "ratios": compare(policies, "oracle", "ours"),
-        "goals": goal_check(policies, "oracle", "ours", ceiling) if "ours" in policies else {},
+        "goals": {  # per configuration of ours; the other one is not a peer
+            name: goal_check(policies, "oracle", name, ceiling, own=[n for n in OURS if n != name])
+            for name in OURS
+            if name in policies
+        },
     }  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

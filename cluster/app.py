@@ -1,5 +1,6 @@
 """The Serve application built from a `ClusterSpec`: `Gateway` (OpenAI API ingress) -> `Attention`
-(engine + KV cache per replica) -> expert shard actors owned by the `ExpertPool` deployment.
+(engine + KV cache per replica) -> expert shard actors owned by the `ExpertPool` deployment. With
+`gateway.direct_streaming`, HAProxy -> `Attention` (the API in each replica; `RouteChooser` picks it).
 
 `app_builder({"spec": ...})` is the import path of the rendered Serve config, which `serve deploy`,
 KubeRay and `mimo serve` (`cluster/deploy.py`) all deploy. Deployment options that belong to code
@@ -16,8 +17,11 @@ from ray.serve.config import RequestRouterConfig
 
 from cluster.attention_deployment import AttentionDeployment, engine_config
 from cluster.autoscaling_policy import attention_autoscaling_config
+from cluster.direct_attention import DirectAttentionDeployment
 from cluster.expert_pool_deployment import ExpertPoolDeployment
 from cluster.gateway_deployment import APP_NAME, GatewayDeployment
+from cluster.route_chooser import RouteChooser
+from cluster.serve_config import ROUTE_CHOOSER
 from cluster.spec import ClusterSpec, SpecError
 
 ROUTING_STATS_PERIOD_S = 0.5  # how often Serve polls each attention replica for its report
@@ -61,6 +65,7 @@ def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | N
         if spec.autoscaling.enabled
         else {"num_replicas": a.num_replicas}
     )
+    direct = spec.gateway.direct_streaming
     attention = serve.deployment(
         name="Attention",
         max_ongoing_requests=a.max_ongoing_requests,
@@ -68,7 +73,14 @@ def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | N
         ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "runtime_env": RUNTIME_ENV},
         **scaling,
         request_router_config=request_router or _router_config(spec),
-    )(AttentionDeployment).bind(data, pool)
+    )(serve.ingress()(DirectAttentionDeployment) if direct else AttentionDeployment).bind(data, pool)
+    if direct:  # HAProxy asks the chooser, then sends the request to that replica's own API
+        chooser = serve.deployment(
+            name=ROUTE_CHOOSER,
+            max_ongoing_requests=spec.gateway.max_pending_requests,
+            ray_actor_options={"num_cpus": 0},
+        )(RouteChooser).bind(data, attention)
+        return attention._with_ingress_request_router(chooser)  # Ray Serve LLM's direct streaming hook
     gateway = serve.deployment(
         name="Gateway",
         num_replicas=spec.gateway.num_replicas,
@@ -82,7 +94,7 @@ def _router_config(spec: ClusterSpec) -> RequestRouterConfig:
     from router.policy import RouterConfig
     from router.serve_adapter import make_request_router_config
 
-    r = spec.router
+    r, direct = spec.router, spec.gateway.direct_streaming
     config = RouterConfig(
         policy=r.policy,
         block_size=spec.engine.block_size,
@@ -92,7 +104,9 @@ def _router_config(spec: ClusterSpec) -> RequestRouterConfig:
         stale_after_s=r.stale_after_s,
         metrics_factory="cluster.metrics_ray:ray_metrics",  # the router loads it in its own process
         # several gateways (each with its own router) share their guesses; one has nobody to tell
-        route_board=f"{APP_NAME}-route-board" if spec.gateway.num_replicas > 1 else "",
+        route_board=f"{APP_NAME}-route-board" if spec.gateway.num_replicas > 1 and not direct else "",
+        # direct streaming: requests leave through HAProxy, so the router never sees them end
+        load_source="reports" if direct else "handle",
     )
     return make_request_router_config(config, stats_period_s=ROUTING_STATS_PERIOD_S)
 

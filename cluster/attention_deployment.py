@@ -16,7 +16,7 @@ from cluster.engine_clients import stream_request
 from cluster.metrics_ray import ray_metrics
 from cluster.request_metrics import RequestTimer, TTFTWindow, record_finished
 from cluster.spec import ClusterSpec
-from gateway.engine_client import EngineError
+from gateway.engine_client import EngineError, GenerationChunk
 
 if TYPE_CHECKING:
     from replicas.dispatch import ExpertDispatcher
@@ -88,25 +88,39 @@ class AttentionDeployment:
     async def generate(
         self, *, prompt_token_ids: list[int], salt: str | None, params: dict[str, Any], request_id: str
     ) -> AsyncIterator[dict[str, Any]]:
-        timer = RequestTimer()
+        """The gateway's call (a Serve stream of chunk dicts; a refusal is `{"refused": ...}`)."""
         try:
-            stream = stream_request(
-                self.engine,
-                prompt_token_ids=prompt_token_ids,
-                salt=salt,
-                params=params,
-                request_id=request_id,
-                max_streams=self.max_streams,
-            )
+            async for chunk in self.chunks(
+                prompt_token_ids=prompt_token_ids, salt=salt, params=params, request_id=request_id
+            ):
+                yield chunk.to_dict()
+        except EngineError as e:
+            yield {"refused": e.to_dict()}
+
+    async def chunks(
+        self, *, prompt_token_ids: list[int], salt: str | None, params: dict[str, Any], request_id: str
+    ) -> AsyncIterator[GenerationChunk]:
+        """One request on this replica's engine, timed into its metrics and TTFT window. Raises
+        EngineError before the first chunk; closing it early aborts the request."""
+        timer = RequestTimer()
+        stream = stream_request(
+            self.engine,
+            prompt_token_ids=prompt_token_ids,
+            salt=salt,
+            params=params,
+            request_id=request_id,
+            max_streams=self.max_streams,
+        )
+        try:
             async for chunk in stream:
                 timer.on_chunk(chunk)
                 if chunk.finish_reason is not None:
                     record_finished(self.metrics, timer, chunk)
                     if timer.ttft_s is not None:
                         self.ttft.add(timer.ttft_s, time.monotonic())
-                yield chunk.to_dict()
-        except EngineError as e:
-            yield {"refused": e.to_dict()}
+                yield chunk
+        finally:
+            await stream.aclose()
 
     def record_routing_stats(self) -> dict[str, Any]:
         snap = self.engine.snapshot()

@@ -6,7 +6,7 @@ runs and fast API tests) and through Serve (`ServeEngineClient`, the cluster). B
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from gateway.engine_client import EngineClient, EngineError, GenerationChunk
@@ -52,7 +52,7 @@ async def stream_request(
     params: dict[str, Any],
     request_id: str,
     max_streams: int,
-) -> AsyncIterator[GenerationChunk]:
+) -> AsyncGenerator[GenerationChunk, None]:
     """Runs one request on `engine`. Raises EngineError before the first chunk: 400 for a bad
     request (field named), 503 with Retry-After when `max_streams` requests are already in."""
     if engine.num_streams >= max_streams:

@@ -25,6 +25,28 @@ def max_model_len(spec: ClusterSpec) -> int:
     return min(spec.engine.max_model_len or limit, limit)
 
 
+def gateway_config(spec: ClusterSpec) -> GatewayConfig:
+    g = spec.gateway
+    return GatewayConfig(
+        served_model_name=spec.model.served_name,
+        max_model_len=max_model_len(spec),
+        max_prompt_tokens=g.max_prompt_tokens,
+        max_body_bytes=g.max_body_bytes,
+        requests_per_minute=g.requests_per_minute,
+        tokens_per_minute=g.tokens_per_minute,
+        max_pending_requests=g.max_pending_requests,
+        api_keys_file=g.api_keys_file,
+    )
+
+
+async def is_app_ready(pool: DeploymentHandle | None) -> bool:
+    """Every deployment of the application healthy, and every expert shard answering."""
+    status = (await asyncio.to_thread(serve.status)).applications.get(APP_NAME)  # serve.status blocks
+    if status is None or any(d.status != "HEALTHY" for d in status.deployments.values()):
+        return False
+    return True if pool is None else bool(await pool.is_ready.remote())
+
+
 class GatewayDeployment:
     def __init__(
         self, spec: dict[str, Any], attention: DeploymentHandle, pool: DeploymentHandle | None
@@ -33,26 +55,11 @@ class GatewayDeployment:
         self.attention = attention
         self.pool = pool
 
-    async def _is_ready(self) -> bool:
-        status = (await asyncio.to_thread(serve.status)).applications.get(APP_NAME)  # serve.status blocks
-        if status is None or any(d.status != "HEALTHY" for d in status.deployments.values()):
-            return False
-        return True if self.pool is None else bool(await self.pool.is_ready.remote())
-
     def __serve_build_asgi_app__(self) -> Any:
         from gateway.api import build_app
         from mimo.tokenizer import Tokenizer
 
-        s = self.spec
-        config = GatewayConfig(
-            served_model_name=s.model.served_name,
-            max_model_len=max_model_len(s),
-            max_prompt_tokens=s.gateway.max_prompt_tokens,
-            max_body_bytes=s.gateway.max_body_bytes,
-            requests_per_minute=s.gateway.requests_per_minute,
-            tokens_per_minute=s.gateway.tokens_per_minute,
-            max_pending_requests=s.gateway.max_pending_requests,
-            api_keys_file=s.gateway.api_keys_file,
+        client = ServeEngineClient(self.attention, lambda: is_app_ready(self.pool))
+        return build_app(
+            client, Tokenizer.from_dir(self.spec.model.path), gateway_config(self.spec), ray_metrics()
         )
-        client = ServeEngineClient(self.attention, self._is_ready)
-        return build_app(client, Tokenizer.from_dir(s.model.path), config, ray_metrics())

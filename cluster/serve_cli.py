@@ -11,7 +11,7 @@ import signal
 import threading
 from pathlib import Path
 
-from cluster.spec import ClusterSpec
+from cluster.spec import DIRECT_STREAMING_ENV, ClusterSpec
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1")
+    if spec.gateway.direct_streaming:  # read by Ray at import, and by the cluster started below
+        os.environ.update(DIRECT_STREAMING_ENV)
     import ray
     from ray import serve
 

@@ -18,6 +18,7 @@ from cluster.spec import ClusterSpec
 APP_NAME = "mimo"
 IMPORT_PATH = "cluster.app:app_builder"
 GATEWAY = "Gateway"
+ROUTE_CHOOSER = "RouteChooser"  # direct streaming's ingress request router (cluster/route_chooser.py)
 ATTENTION = "Attention"
 
 
@@ -54,8 +55,9 @@ def render_serve_config(spec: ClusterSpec) -> dict[str, Any]:
                 ),
                 "deployments": [
                     {
-                        "name": GATEWAY,
-                        "num_replicas": spec.gateway.num_replicas,
+                        # direct streaming: the route chooser HAProxy asks takes the gateway's place
+                        "name": ROUTE_CHOOSER if spec.gateway.direct_streaming else GATEWAY,
+                        "num_replicas": 1 if spec.gateway.direct_streaming else spec.gateway.num_replicas,
                         "max_ongoing_requests": spec.gateway.max_pending_requests,
                     },
                     attention,

@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-tiny"
 
 
+# What direct streaming needs in every process of the Ray cluster before Serve starts: HAProxy instead
+# of Serve's proxy, and the request body forwarded to the route chooser (Ray 2.60 env switches).
+DIRECT_STREAMING_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+}
+
+
 class SpecError(ValueError):
     """A cluster spec that cannot be used; `field` is the dotted path of the value at fault."""
 
@@ -128,6 +136,22 @@ class GatewaySpec(_Spec):
     proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
         "EveryNode", description="where Serve runs HTTP proxies (HeadOnly when nodes share one host)"
     )
+    direct_streaming: bool = Field(
+        False,
+        description="HAProxy sends each request straight to the attention replica the router picks, "
+        "which serves the API itself: one hop per streamed chunk instead of two (needs a Ray cluster "
+        "started with RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1; "
+        "`mimo serve` sets both for the cluster it starts). Rate limits then hold per replica.",
+    )
+
+    @model_validator(mode="after")
+    def _check_direct(self) -> GatewaySpec:
+        if self.direct_streaming and self.api_keys_file is not None:
+            raise ValueError(
+                "direct_streaming cannot route keyed tenants yet: HAProxy forwards no Authorization "
+                "header to the route chooser, so it cannot hash a prompt with the tenant's cache salt"
+            )
+        return self
 
 
 class ObservabilitySpec(_Spec):

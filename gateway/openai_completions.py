@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from gateway.api import Gateway
 
 
-def _prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
+def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[list[int]]:
     prompt = body.prompt
     if isinstance(prompt, str):
         return [tokenizer.encode(prompt)]
@@ -50,7 +50,7 @@ async def completion(state: Gateway, tenant: Tenant, body: CompletionRequest, ri
     config = state.config
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported", "echo")
-    prompts = _prompts(body, state.tokenizer)
+    prompts = completion_prompts(body, state.tokenizer)
     vocab = state.tokenizer.vocab_size
     calls = []
     for p, ids in enumerate(prompts):

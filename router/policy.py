@@ -18,6 +18,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 PolicyName = Literal["prefix", "round_robin", "power_of_two"]
+# "handle": requests go through the router's handle, which sees each one complete (in-flight counts);
+# "reports": requests are only chosen here and sent by someone else (HAProxy, direct streaming), so
+# a replica's load is its last report plus what was routed to it since that report arrived
+LoadSource = Literal["handle", "reports"]
 RouteMode = Literal["prefix", "least_loaded", "round_robin", "power_of_two"]
 
 
@@ -35,6 +39,7 @@ class RouterConfig:
     max_hashed_blocks: int = 8192  # longest prefix considered (hashing cost is per block)
     hash_chunk_blocks: int = 128  # blocks hashed between event-loop yields
     seed: int = 0  # power-of-two sampling
+    load_source: LoadSource = "handle"
     # name of the `router.route_board.RouteBoard` actor through which the routers of several gateway
     # replicas share their guesses; "" keeps guesses local (one gateway)
     route_board: str = ""
@@ -43,6 +48,8 @@ class RouterConfig:
     metrics_factory: str = ""
 
     def __post_init__(self) -> None:
+        if self.load_source not in ("handle", "reports"):
+            raise ValueError(f"RouterConfig.load_source must be handle or reports, got {self.load_source!r}")
         if self.policy not in ("prefix", "round_robin", "power_of_two"):
             raise ValueError(
                 f"RouterConfig.policy must be prefix, round_robin or power_of_two, got {self.policy!r}"

@@ -33,6 +33,7 @@ from router.policy import (
     rank_prefix,
 )
 from router.prefix_index import PrefixIndex
+from router.recent_routes import RecentRoutes
 from router.route_board import BoardClient
 
 MAX_TRACKED_REQUESTS = 65536  # routed requests remembered for in-flight counts (oldest dropped)
@@ -116,6 +117,7 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._power_of_two = PowerOfTwo(config.seed)
         self._routed: OrderedDict[str, _Routed] = OrderedDict()  # internal request id -> where
         self._in_flight: Counter[str] = Counter()  # replica id -> routed here, not completed
+        self._recent = RecentRoutes(config.stale_after_s)  # load_source "reports": routings per replica
         self.decisions: deque[DecisionRecord] = deque(maxlen=1024)
         self.num_decisions: Counter[str] = Counter()  # reason -> decisions
         self.num_expected_hit_tokens = 0
@@ -135,6 +137,7 @@ class PrefixAwareRequestRouter(RequestRouter):
         self.index.retain(live)
         for replica_id in [r for r in self._in_flight if r not in live]:
             del self._in_flight[replica_id]
+        self._recent.retain(live)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
@@ -204,9 +207,11 @@ class PrefixAwareRequestRouter(RequestRouter):
     async def _candidates(
         self, replicas: Sequence[RunningReplica], hashes: Sequence[int], num_tokens: int
     ) -> list[Candidate]:
-        """Each replica's cached prefix and load. Requests: the largest of three lower bounds (the
-        last report, this router's in-flight count, Serve's queue-length cache). A long prompt
-        yields to the loop between replicas (matching costs up to ~1 µs per block per replica)."""
+        """Each replica's cached prefix and load. Requests, with `load_source` "handle": the largest
+        of three lower bounds (the last report, this router's in-flight count, Serve's queue-length
+        cache); with "reports" (nothing completes through this router): the last report plus the
+        requests routed there since it arrived. A long prompt yields to the loop between replicas
+        (matching costs up to ~1 µs per block per replica)."""
         is_long = len(hashes) > self.config.hash_chunk_blocks
         now = time.monotonic()
         candidates: list[Candidate] = []
@@ -217,8 +222,12 @@ class PrefixAwareRequestRouter(RequestRouter):
             load = self.index.load(replica_id, now)
             is_fresh = load is not None and load.report_age_s <= self.config.stale_after_s
             reported = load.num_running + load.num_waiting if load is not None and is_fresh else 0
-            queue_len = self.replica_queue_len_cache.get(replica.replica_id) or 0
-            num_requests = max(reported, self._in_flight[replica_id], queue_len)
+            if self.config.load_source == "reports":
+                report_at = now - load.report_age_s if load is not None and is_fresh else None
+                num_requests = reported + self._recent.count_since(replica_id, report_at, now)
+            else:
+                queue_len = self.replica_queue_len_cache.get(replica.replica_id) or 0
+                num_requests = max(reported, self._in_flight[replica_id], queue_len)
             cached = self.index.matched_blocks(replica_id, hashes, num_tokens, now) if hashes else 0
             kv_usage = load.kv_usage if load is not None else 0.0
             held = self.index.num_held_blocks(replica_id) if is_fresh else 0
@@ -232,7 +241,10 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._forget(request_id)  # a retry of the same request
         self._routed[request_id] = _Routed(replica_id, tuple(hashes))
         self._in_flight[replica_id] += 1
-        self.index.note_routed(replica_id, hashes, time.monotonic())
+        now = time.monotonic()
+        if self.config.load_source == "reports":
+            self._recent.note(replica_id, now)
+        self.index.note_routed(replica_id, hashes, now)
         if self._board is not None:
             self._board.publish(replica_id, hashes)
         while len(self._routed) > MAX_TRACKED_REQUESTS:

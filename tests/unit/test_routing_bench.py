@@ -127,6 +127,9 @@ def test_medians_ratios_and_goals() -> None:
     }
     # both at the ceiling: nobody can be above it, so the tie is the best possible
     assert goal_check(policies, "oracle", "ours", ceiling=0.8)["hit_rate_above_every_peer_or_at_ceiling"]
+    # our other configuration is not a peer: the faster "peer" named as ours no longer counts
+    own = goal_check(policies, "oracle", "ours", ceiling=0.9, own=["peer"])
+    assert own["ttft_p99_lowest"] and own["hit_rate_above_every_peer"]
 
 
 def test_ray_router_sees_the_token_prompt() -> None:

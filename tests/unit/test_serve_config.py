@@ -10,7 +10,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.cli import main
-from cluster.serve_config import APP_NAME, ATTENTION, GATEWAY, IMPORT_PATH, render_serve_config
+from cluster.serve_config import APP_NAME, ATTENTION, GATEWAY, IMPORT_PATH, ROUTE_CHOOSER, render_serve_config
 from cluster.spec import ClusterSpec
 
 
@@ -54,6 +54,24 @@ def test_names_match_the_application() -> None:
     assert app.__file__ is not None
     source = Path(app.__file__).read_text()
     assert f'name="{GATEWAY}"' in source and f'name="{ATTENTION}"' in source
+
+
+def test_direct_streaming_config_names_the_deployments_the_application_builds() -> None:
+    """Catches a direct-streaming config naming the Gateway (which that application does not have:
+    `serve deploy` would fail) or an application whose ingress is not the attention deployment
+    with the route chooser beside it (HAProxy would have nothing to ask)."""
+    from cluster.app import build_application
+
+    spec = ClusterSpec.from_dict({"gateway": {"direct_streaming": True}, "autoscaling": {"enabled": False}})
+    config = render_serve_config(spec)
+    assert _validated(config) == config
+    assert [d["name"] for d in config["applications"][0]["deployments"]] == [ROUTE_CHOOSER, ATTENTION]
+    app = build_application(spec)
+    assert app._bound_deployment.name == ATTENTION
+    assert app._ingress_request_router is not None
+    assert app._ingress_request_router._bound_deployment.name == ROUTE_CHOOSER
+    relay = build_application(ClusterSpec.from_dict({"autoscaling": {"enabled": False}}))
+    assert relay._bound_deployment.name == GATEWAY and relay._ingress_request_router is None
 
 
 def test_print_config_prints_this_config(capsys: pytest.CaptureFixture[str]) -> None:

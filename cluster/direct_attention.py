@@ -1,0 +1,47 @@
+"""Direct streaming, replica side: an `Attention` replica that also serves the OpenAI API, so HAProxy
+can send a client's request straight to the replica the route chooser picked
+(`cluster/route_chooser.py`) and its chunks go back over one HTTP connection, with no gateway replica
+relaying each chunk over Ray (`spec.gateway.direct_streaming`).
+
+The API is the gateway's own (`gateway.api.build_app`) over this replica's engine, with every
+request timed into the replica's metrics like a relayed one. Per-key rate limits count what this
+replica serves (each replica keeps its own window); `/ready` asks the same application-wide
+question as the gateway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cluster.attention_deployment import AttentionDeployment
+from cluster.gateway_deployment import gateway_config, is_app_ready
+from cluster.metrics_ray import ray_metrics
+from gateway.engine_client import EngineClient, GenerationChunk
+
+
+class ReplicaEngineClient(EngineClient):
+    """The gateway's engine client for the replica it runs in."""
+
+    def __init__(self, replica: AttentionDeployment) -> None:
+        self.replica = replica
+
+    def generate(
+        self, *, prompt_token_ids: list[int], salt: str | None, params: dict[str, Any], request_id: str
+    ) -> AsyncIterator[GenerationChunk]:
+        return self.replica.chunks(
+            prompt_token_ids=prompt_token_ids, salt=salt, params=params, request_id=request_id
+        )
+
+    async def is_ready(self) -> bool:
+        return self.replica.engine.is_alive() and await is_app_ready(self.replica.pool)
+
+
+class DirectAttentionDeployment(AttentionDeployment):
+    """Wrapped with `serve.ingress()` by the application: Serve calls this once the engine is up."""
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from gateway.api import build_app
+
+        tokenizer = self.engine.engine.tokenizer
+        return build_app(ReplicaEngineClient(self), tokenizer, gateway_config(self.spec), ray_metrics())

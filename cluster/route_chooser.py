@@ -1,0 +1,50 @@
+"""Direct streaming, routing side: the ingress request router HAProxy asks before it forwards a
+request (Ray Serve's contract: `POST /internal/route` with the client's body, answered with the
+chosen replica's address and actor name; any other answer makes HAProxy fall back to its own
+balancing, so a failure here never fails a request).
+
+The choice is our prefix-aware router's (`router.serve_adapter`, run by the Attention handle's
+`choose_replica` without sending anything): the body is rendered and tokenized as the replica will
+(`gateway.routing_prompt`), hashed, and scored against the replicas' reports. Since requests then
+bypass the handle, the router counts load from the reports plus what it routed since each
+(`RouterConfig.load_source = "reports"`). No cache salt: HAProxy forwards no Authorization header
+here, which is why the spec refuses direct streaming with API keys.
+"""
+
+# No `from __future__ import annotations`: Serve's class-based FastAPI view needs the real `Request`
+# annotation on `route` (as a string, FastAPI takes it for a query parameter and answers 422).
+from typing import Any
+
+from fastapi import FastAPI, Request
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.spec import ClusterSpec
+
+route_app = FastAPI()
+
+
+@serve.ingress(route_app)
+class RouteChooser:
+    def __init__(self, spec: dict[str, Any], attention: DeploymentHandle) -> None:
+        from mimo.tokenizer import Tokenizer
+
+        self.spec = ClusterSpec.model_validate(spec)
+        self.tokenizer = Tokenizer.from_dir(self.spec.model.path)
+        self.attention = attention
+
+    @route_app.post("/internal/route")
+    async def route(self, request: Request) -> dict[str, Any]:
+        from gateway.routing_prompt import routing_prompt
+
+        token_ids = routing_prompt(await request.body(), self.tokenizer)
+        # _reserve=False: the request goes out through HAProxy, not this handle, so no slot is held
+        async with self.attention.choose_replica(
+            prompt_token_ids=token_ids, salt=None, _reserve=False
+        ) as chosen:
+            replica = chosen._replica  # Ray's own route chooser reads the endpoint the same way
+            endpoint = replica.backend_http_endpoint
+            if endpoint is None:
+                raise RuntimeError(f"replica {replica.replica_id} serves no HTTP endpoint")
+            host, port = endpoint
+            return {"host": host, "port": port, "replica_id": replica.replica_id.to_full_id_str()}
