@@ -11,6 +11,12 @@ trace's distinct blocks (`cache_pressure`).
 - ours, round_robin, power_of_two, ray_prefix: the Serve application (`cluster.app`), Gateway ->
   Attention replicas (experts in process), through the gateway's HTTP API; Ray's router is plugged in
   as the Attention deployment's request router (`benchmarks/ray_prefix_router.py`).
+- ours_direct, ray_prefix_direct: the same application with direct streaming
+  (`gateway.direct_streaming`): HAProxy asks the route chooser, which runs the Attention
+  deployment's router (ours, or Ray's as above) by `choose_replica`, and forwards the request to that
+  replica's own API; the way Ray Serve LLM's direct streaming runs. HAProxy must be switched on
+  before Ray starts, so these rows come from this script run again for them in a child process
+  with its own Ray cluster.
 - sglang_cache_aware, oracle: routers in front of per-replica URLs. Each replica is its own Serve
   application (`benchmarks/routing_worker.py` `ServeWorker`: the same OpenAI API over one engine,
   route prefix /w0 .. /w3), behind sglang-router (its own venv) or behind the oracle, a client-side
@@ -81,11 +87,11 @@ SGLANG_VERSION = "0.3.2"
 WORKER = ROOT / "benchmarks" / "routing_worker.py"
 MODEL = "mimo-tiny"
 # routers inside the Serve app; "ours_direct" is ours with direct streaming (its own Ray cluster)
-APP_POLICIES = ("ours", "ours_direct", "round_robin", "power_of_two", "ray_prefix")
+APP_POLICIES = ("ours", "ours_direct", "round_robin", "power_of_two", "ray_prefix", "ray_prefix_direct")
 URL_POLICIES = ("oracle", "sglang_cache_aware")  # routers in front of per-replica URLs
 ALL_POLICIES = URL_POLICIES + APP_POLICIES
-DIRECT = "ours_direct"
-OURS = ("ours", DIRECT)
+DIRECT = ("ours_direct", "ray_prefix_direct")  # direct streaming: HAProxy -> the chosen replica's API
+OURS = ("ours", "ours_direct")
 SPEC_POLICY = {"ours": "prefix", "round_robin": "round_robin", "power_of_two": "power_of_two"}
 
 # One request: chat messages -> (ttft_s, usage dict), sent however the policy routes.
@@ -263,8 +269,8 @@ def run_serve_policies(
                     print(f"{name}: deployed in {time.perf_counter() - started:.1f} s", flush=True)
                     out[name] = run_url_policy(name, urls, sglang, trace, args, nonces)
                 continue
-            spec = make_spec(args, SPEC_POLICY.get(name, "prefix"), port, direct=name == DIRECT)
-            router = ray_router_config() if name == "ray_prefix" else None
+            spec = make_spec(args, SPEC_POLICY.get(name, "prefix"), port, direct=name in DIRECT)
+            router = ray_router_config() if name.startswith("ray_prefix") else None
             serve.run(build_application(spec, request_router=router), name=APP_NAME, route_prefix="/")
             wait_http(f"http://127.0.0.1:{port}/ready", timeout_s=300)
             print(f"{name}: deployed in {time.perf_counter() - started:.1f} s", flush=True)
@@ -303,8 +309,8 @@ def serve_workers(spec: ClusterSpec, port: int) -> Iterator[list[str]]:
             serve.delete(name)
 
 
-def run_direct_child(args: argparse.Namespace) -> dict[str, Any]:
-    """The direct-streaming row, from this script run for it alone with DIRECT_STREAMING_ENV set."""
+def run_direct_child(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    """The direct-streaming rows, from this script run for them alone with DIRECT_STREAMING_ENV set."""
     import tempfile
 
     from cluster.spec import DIRECT_STREAMING_ENV
@@ -312,7 +318,7 @@ def run_direct_child(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "direct.json"
         argv = [
-            sys.executable, __file__, "--policies", DIRECT, "--no-bare-processes", "--out", str(out),
+            sys.executable, __file__, "--policies", *names, "--no-bare-processes", "--out", str(out),
             "--runs", str(args.runs), "--seed", str(args.seed), "--sessions", str(args.sessions),
             "--concurrency", str(args.concurrency), "--arrival-interval-s", str(args.arrival_interval_s),
             "--max-tokens", str(args.max_tokens), "--replicas", str(args.replicas),
@@ -320,8 +326,8 @@ def run_direct_child(args: argparse.Namespace) -> dict[str, Any]:
             *(["--details", str(args.details)] if args.details is not None else []),
         ]  # fmt: skip
         subprocess.run(argv, check=True, env=os.environ | DIRECT_STREAMING_ENV)
-        row: dict[str, Any] = json.loads(out.read_text())["policies"][DIRECT]
-        return row
+        rows: dict[str, Any] = json.loads(out.read_text())["policies"]
+        return rows
 
 
 def wait_healthy(urls: list[str]) -> list[str]:
@@ -573,12 +579,10 @@ def main() -> None:
     # direct streaming needs HAProxy in the whole Ray cluster, switched on before Ray is imported:
     # this script runs it again for that policy alone, in a child process with the switches set
     in_child = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
-    direct = DIRECT in runnable and not in_child
-    policies = run_serve_policies(
-        [p for p in runnable if not direct or p != DIRECT], sglang, trace, args, nonces
-    )
+    direct = [] if in_child else [p for p in runnable if p in DIRECT]
+    policies = run_serve_policies([p for p in runnable if p not in direct], sglang, trace, args, nonces)
     if direct:
-        policies[DIRECT] = run_direct_child(args)
+        policies |= run_direct_child(args, direct)
     url_runnable = [p for p in runnable if p in URL_POLICIES]
     bare = run_process_policies(url_runnable, sglang, trace, args, nonces) if args.bare_processes else {}
     spec = make_spec(args)

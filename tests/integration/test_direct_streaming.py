@@ -5,19 +5,16 @@ chooser for a replica and sends the request straight to that attention replica's
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
 
 from cluster.cli import main as mimo_main
 from cluster.local_server import free_port
+from tests.integration.mimo_serve_process import mimo_serve
 
 pytestmark = pytest.mark.integration
 MODEL = "mimo-tiny"
@@ -34,32 +31,11 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "experts:\n  transport: local\n"
         "autoscaling:\n  enabled: false\n"
     )
-    mimo = str(Path(sys.executable).parent / "mimo")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [mimo, "serve", "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        line = ""
-        assert proc.stdout is not None
-        while "at http://" not in line:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "mimo serve exited early"
-            assert time.monotonic() < deadline, "mimo serve did not print its URL"
-        url = line.split(" at ", 1)[1].strip()
-        _wait_ready(url.removesuffix("/v1") + "/ready", deadline)
+    with mimo_serve(config) as (proc, url):
+        _wait_ready(url.removesuffix("/v1") + "/ready", time.monotonic() + 120)
         yield url
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _wait_ready(url: str, deadline: float) -> None:
