@@ -72,6 +72,12 @@ def test_direct_streaming_config_names_the_deployments_the_application_builds() 
     assert app._ingress_request_router._bound_deployment.name == ROUTE_CHOOSER
     relay = build_application(ClusterSpec.from_dict({"autoscaling": {"enabled": False}}))
     assert relay._bound_deployment.name == GATEWAY and relay._ingress_request_router is None
+    # requests leave through HAProxy, never through the router's handle: it must count load from
+    # the replicas' reports (with in-flight counts that never end, sessions drift off their caches)
+    from cluster.app import _router_config
+
+    assert _router_config(spec).request_router_kwargs["load_source"] == "reports"
+    assert _router_config(ClusterSpec()).request_router_kwargs["load_source"] == "handle"
 
 
 def test_print_config_prints_this_config(capsys: pytest.CaptureFixture[str]) -> None:
