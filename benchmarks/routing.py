@@ -101,14 +101,18 @@ Send = Callable[[list[dict[str, str]]], Awaitable[tuple[float, dict[str, Any]]]]
 def make_spec(
     args: argparse.Namespace, policy: str = "prefix", port: int = 8000, direct: bool = False
 ) -> ClusterSpec:
-    gateway = {"port": port, "proxy_location": "HeadOnly", "num_replicas": args.gateway_replicas}
     return ClusterSpec.from_dict(
         {
             "engine": {"kv_cache_mib": args.kv_cache_mib, "max_model_len": 4096, "threads": 1},
             "attention": {"num_replicas": args.replicas, "max_replicas": args.replicas, "num_cpus": 1},
             "experts": {"transport": "local"},
             "router": {"policy": policy},
-            "gateway": gateway | {"direct_streaming": direct},
+            "gateway": {
+                "port": port,
+                "proxy_location": "HeadOnly",
+                "num_replicas": args.gateway_replicas,
+                "direct_streaming": direct,
+            },
             "autoscaling": {"enabled": False},
         }
     )

@@ -1,7 +1,8 @@
 """Direct streaming, routing side: the ingress request router HAProxy asks before it forwards a
 request (Ray Serve's contract: `POST /internal/route` with the client's body, answered with the
-chosen replica's address and actor name; any other answer makes HAProxy fall back to its own
-balancing, so a failure here never fails a request).
+chosen replica's address and actor name). A replica id HAProxy does not know sends the request
+through Serve's fallback proxy, but an error answer here makes HAProxy answer the client 503 (seen
+with Ray 2.60), so the chooser routes every body, even one it cannot render (by load alone).
 
 The choice is our prefix-aware router's (`router.serve_adapter`, run by the Attention handle's
 `choose_replica` without sending anything): the body is rendered and tokenized as the replica will

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 
-from pydantic import ValidationError
-
 from gateway.chat import render_chat
 from gateway.errors import APIError
 from gateway.openai_completions import completion_prompts
@@ -27,6 +25,6 @@ def routing_prompt(body: bytes, tokenizer: Tokenizer) -> list[int]:
             return render_chat(ChatCompletionRequest.model_validate(data), tokenizer).prompt_token_ids
         if "prompt" in data:
             return completion_prompts(CompletionRequest.model_validate(data), tokenizer)[0]
-    except (ValueError, ValidationError, APIError):  # json's errors are ValueErrors
+    except (ValueError, APIError):  # json's and pydantic's errors are ValueErrors
         return []
     return []

@@ -28,7 +28,12 @@ class RecentRoutes:
             times.popleft()
         if since is None:
             return len(times)
-        return sum(1 for t in reversed(times) if t > since)  # newest first; counts the tail
+        count = 0
+        for t in reversed(times):  # oldest first in the deque: only the tail is after `since`
+            if t <= since:
+                break
+            count += 1
+        return count
 
     def retain(self, replica_ids: Iterable[str]) -> None:
         """Forget replicas that are gone."""
