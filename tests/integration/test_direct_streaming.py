@@ -33,6 +33,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     with mimo_serve(config) as (proc, url):
         _wait_ready(url.removesuffix("/v1") + "/ready", time.monotonic() + 120)
+        _wait_routed(url, time.monotonic() + 90)
         yield url
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0
@@ -50,6 +51,25 @@ def _wait_ready(url: str, deadline: float) -> None:
             pass
         assert time.monotonic() < deadline, f"{url} never answered 200"
         time.sleep(1)
+
+
+def _wait_routed(url: str, deadline: float) -> None:
+    """Until a repeated prompt hits its cache: right after start HAProxy may still be loading the
+    replicas' ports and send requests through Serve's fallback proxy, which the chooser never sees.
+    A chooser whose answers HAProxy ignores never gets here (the deadline fails the module)."""
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    for k in range(1000):
+        system = f"Warm-up {k}. Answer in one short sentence. " * 8
+        cached = []
+        for _ in range(2):
+            reply = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "system", "content": system}], max_tokens=2, temperature=0
+            )
+            cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+            time.sleep(1.2)
+        if cached[1] > 0:
+            return
+        assert time.monotonic() < deadline, "repeated prompts never hit their cache"
 
 
 @pytest.fixture(scope="module")
