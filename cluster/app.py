@@ -22,6 +22,7 @@ from cluster.expert_pool_deployment import ExpertPoolDeployment
 from cluster.gateway_deployment import APP_NAME, GatewayDeployment
 from cluster.route_chooser import RouteChooser
 from cluster.serve_config import ROUTE_CHOOSER
+from cluster.shared_limits import RATE_LIMITS, RateLimitsDeployment
 from cluster.spec import ClusterSpec, SpecError
 
 ROUTING_STATS_PERIOD_S = 0.5  # how often Serve polls each attention replica for its report
@@ -66,14 +67,20 @@ def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | N
         else {"num_replicas": a.num_replicas}
     )
     direct = spec.gateway.direct_streaming
-    attention = serve.deployment(
+    limits = _shared_limits(spec)
+    attention_options = serve.deployment(
         name="Attention",
         max_ongoing_requests=a.max_ongoing_requests,
         max_queued_requests=spec.engine.max_queued_requests,
         ray_actor_options={"num_cpus": a.num_cpus, "num_gpus": a.num_gpus, "runtime_env": RUNTIME_ENV},
         **scaling,
         request_router_config=request_router or _router_config(spec),
-    )(serve.ingress()(DirectAttentionDeployment) if direct else AttentionDeployment).bind(data, pool)
+    )
+    attention = (
+        attention_options(serve.ingress()(DirectAttentionDeployment)).bind(data, pool, limits)
+        if direct
+        else attention_options(AttentionDeployment).bind(data, pool)
+    )
     if direct:  # HAProxy asks the chooser, then sends the request to that replica's own API
         chooser = serve.deployment(
             name=ROUTE_CHOOSER,
@@ -86,8 +93,21 @@ def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | N
         num_replicas=spec.gateway.num_replicas,
         max_ongoing_requests=spec.gateway.max_pending_requests,
         ray_actor_options={"num_cpus": 0},
-    )(serve.ingress()(GatewayDeployment)).bind(data, attention, pool)
+    )(serve.ingress()(GatewayDeployment)).bind(data, attention, pool, limits)
     return gateway
+
+
+def _shared_limits(spec: ClusterSpec) -> Application | None:
+    """The store of per-key limits every API-serving process shares (`cluster.shared_limits`), when
+    limits are set and more than one process serves the API; None keeps them in the one process."""
+    g = spec.gateway
+    if g.requests_per_minute is None and g.tokens_per_minute is None:
+        return None
+    if not g.direct_streaming and g.num_replicas == 1:
+        return None
+    return serve.deployment(name=RATE_LIMITS, num_replicas=1, ray_actor_options={"num_cpus": 0})(
+        RateLimitsDeployment
+    ).bind(g.requests_per_minute, g.tokens_per_minute)
 
 
 def _router_config(spec: ClusterSpec) -> RequestRouterConfig:
@@ -102,6 +122,7 @@ def _router_config(spec: ClusterSpec) -> RequestRouterConfig:
         load_weight=r.load_weight,
         kv_weight=r.kv_weight,
         stale_after_s=r.stale_after_s,
+        guess_ttl_s=r.guess_ttl_s,
         metrics_factory="cluster.metrics_ray:ray_metrics",  # the router loads it in its own process
         # several gateways (each with its own router) share their guesses; one has nobody to tell
         route_board=f"{APP_NAME}-route-board" if spec.gateway.num_replicas > 1 and not direct else "",

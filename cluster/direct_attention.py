@@ -4,9 +4,9 @@ can send a client's request straight to the replica the route chooser picked
 relaying each chunk over Ray (`spec.gateway.direct_streaming`).
 
 The API is the gateway's own (`gateway.api.build_app`) over this replica's engine, with every
-request timed into the replica's metrics like a relayed one. Per-key rate limits count what this
-replica serves (each replica keeps its own window); `/ready` asks the same application-wide
-question as the gateway.
+request timed into the replica's metrics like a relayed one. Per-key rate limits are the
+application's shared store when limits are set (`cluster.shared_limits`: a tenant's requests spread
+over every replica); `/ready` asks the same application-wide question as the gateway.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ray.serve.handle import DeploymentHandle
+
 from cluster.attention_deployment import AttentionDeployment
-from cluster.gateway_deployment import gateway_config, is_app_ready
+from cluster.gateway_deployment import api_limits, gateway_config, is_app_ready
 from cluster.metrics_ray import ray_metrics
 from gateway.engine_client import EngineClient, GenerationChunk
 
@@ -38,10 +40,20 @@ class ReplicaEngineClient(EngineClient):
 
 
 class DirectAttentionDeployment(AttentionDeployment):
-    """Wrapped with `serve.ingress()` by the application: Serve calls this once the engine is up."""
+    """Wrapped with `serve.ingress()` by the application: Serve calls `__serve_build_asgi_app__`
+    once the engine is up."""
+
+    async def __init__(  # type: ignore[misc]
+        self, spec: dict[str, Any], pool: DeploymentHandle | None, limits: DeploymentHandle | None
+    ) -> None:
+        await super().__init__(spec, pool)
+        self.limits = limits
 
     def __serve_build_asgi_app__(self) -> Any:
         from gateway.api import build_app
 
         tokenizer = self.engine.engine.tokenizer
-        return build_app(ReplicaEngineClient(self), tokenizer, gateway_config(self.spec), ray_metrics())
+        config = gateway_config(self.spec)
+        return build_app(
+            ReplicaEngineClient(self), tokenizer, config, ray_metrics(), api_limits(config, self.limits)
+        )

@@ -12,8 +12,10 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.engine_clients import ServeEngineClient
 from cluster.metrics_ray import ray_metrics
+from cluster.shared_limits import SharedLimits
 from cluster.spec import ClusterSpec
 from gateway.config import GatewayConfig
+from gateway.rate_limit import Limits, LocalLimits, RateLimiter
 
 APP_NAME = "mimo"
 
@@ -47,19 +49,31 @@ async def is_app_ready(pool: DeploymentHandle | None) -> bool:
     return True if pool is None else bool(await pool.is_ready.remote())
 
 
+def api_limits(config: GatewayConfig, store: DeploymentHandle | None) -> Limits:
+    """This process's per-key limits, or the shared store's when the application has one
+    (`cluster.shared_limits`: more than one process serves the API)."""
+    local = LocalLimits(RateLimiter(config.requests_per_minute, config.tokens_per_minute))
+    return local if store is None else SharedLimits(store, local)
+
+
 class GatewayDeployment:
     def __init__(
-        self, spec: dict[str, Any], attention: DeploymentHandle, pool: DeploymentHandle | None
+        self,
+        spec: dict[str, Any],
+        attention: DeploymentHandle,
+        pool: DeploymentHandle | None,
+        limits: DeploymentHandle | None,
     ) -> None:
         self.spec = ClusterSpec.model_validate(spec)
         self.attention = attention
         self.pool = pool
+        self.limits = limits
 
     def __serve_build_asgi_app__(self) -> Any:
         from gateway.api import build_app
         from mimo.tokenizer import Tokenizer
 
         client = ServeEngineClient(self.attention, lambda: is_app_ready(self.pool))
-        return build_app(
-            client, Tokenizer.from_dir(self.spec.model.path), gateway_config(self.spec), ray_metrics()
-        )
+        config = gateway_config(self.spec)
+        tokenizer = Tokenizer.from_dir(self.spec.model.path)
+        return build_app(client, tokenizer, config, ray_metrics(), api_limits(config, self.limits))

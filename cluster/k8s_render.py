@@ -12,7 +12,7 @@ from typing import Any
 
 from cluster.k8s_monitoring import pod_monitor, prometheus_rule
 from cluster.serve_config import serve_config_yaml
-from cluster.spec import EMBEDDED_MODEL, ClusterSpec
+from cluster.spec import DIRECT_STREAMING_ENV, EMBEDDED_MODEL, ClusterSpec
 
 Obj = dict[str, Any]
 
@@ -131,6 +131,12 @@ def _pod_template(spec: ClusterSpec, role: str, cpu: str, memory: str, gpus: int
         "env": [
             {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only
             {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+            # Ray reads these at start, in every process: HAProxy, body and key to the route chooser
+            *(
+                [{"name": k, "value": v} for k, v in DIRECT_STREAMING_ENV.items()]
+                if spec.gateway.direct_streaming
+                else []
+            ),
         ],
         "resources": _resources(cpu, memory, gpus),
         "securityContext": _container_security(),

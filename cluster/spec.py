@@ -16,11 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-tiny"
 
 
-# What direct streaming needs in every process of the Ray cluster before Serve starts: HAProxy instead
-# of Serve's proxy, and the request body forwarded to the route chooser (Ray 2.60 env switches).
+# What direct streaming needs in every process of the Ray cluster before Serve starts (Ray 2.60 env
+# switches): HAProxy instead of Serve's proxy, the request body forwarded to the route chooser, and
+# the client's Authorization header forwarded with it (HAProxy forwards one client header, Serve's
+# "session id" header, whose name this sets), so the chooser hashes with the tenant's cache salt.
 DIRECT_STREAMING_ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY": "1",
+    "RAY_SERVE_SESSION_ID_HEADER_KEY": "authorization",
 }
 
 
@@ -117,6 +120,12 @@ class RouterSpec(_Spec):
     load_weight: float = Field(4.0, ge=0, description="score penalty per running+queued request")
     kv_weight: float = Field(8.0, ge=0, description="score penalty per unit of KV usage (0..1)")
     stale_after_s: float = Field(10.0, gt=0, description="replica stats older than this are ignored")
+    guess_ttl_s: float = Field(
+        10.0,
+        ge=0,
+        description="a just-routed prompt counts as cached there this long unless the "
+        "replica's events confirm it (0: only the replicas' events count)",
+    )
 
 
 class GatewaySpec(_Spec):
@@ -140,18 +149,9 @@ class GatewaySpec(_Spec):
         False,
         description="HAProxy sends each request straight to the attention replica the router picks, "
         "which serves the API itself: one hop per streamed chunk instead of two (needs a Ray cluster "
-        "started with RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY=1; "
-        "`mimo serve` sets both for the cluster it starts). Rate limits then hold per replica.",
+        "started with cluster.spec.DIRECT_STREAMING_ENV; `mimo serve` and the Kubernetes render set "
+        "it). Per-key rate limits are then kept in one store all replicas share.",
     )
-
-    @model_validator(mode="after")
-    def _check_direct(self) -> GatewaySpec:
-        if self.direct_streaming and self.api_keys_file is not None:
-            raise ValueError(
-                "direct_streaming cannot route keyed tenants yet: HAProxy forwards no Authorization "
-                "header to the route chooser, so it cannot hash a prompt with the tenant's cache salt"
-            )
-        return self
 
 
 class ObservabilitySpec(_Spec):

@@ -8,7 +8,6 @@ Ray metrics port, never the public one).
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
@@ -23,7 +22,7 @@ from gateway.engine_client import EngineClient, EngineError
 from gateway.errors import APIError, install_error_handlers
 from gateway.openai_chat import chat_completion
 from gateway.openai_completions import completion
-from gateway.rate_limit import RateLimiter
+from gateway.rate_limit import Limits, LocalLimits, RateLimiter
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from mimo.tokenizer import Tokenizer
 from observability.recorder import Metrics, PrometheusBackend
@@ -62,14 +61,19 @@ class Gateway:
     """Per-process state behind the routes."""
 
     def __init__(
-        self, client: EngineClient, tokenizer: Tokenizer, config: GatewayConfig, metrics: Metrics
+        self,
+        client: EngineClient,
+        tokenizer: Tokenizer,
+        config: GatewayConfig,
+        metrics: Metrics,
+        limits: Limits,
     ) -> None:
         self.client = client
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.config = config
         self.keys = KeyStore.from_file(config.api_keys_file) if config.api_keys_file else KeyStore([])
-        self.limiter = RateLimiter(config.requests_per_minute, config.tokens_per_minute)
+        self.limits = limits
         self.num_pending = 0
 
     def authenticate(self, request: Request) -> Tenant:
@@ -89,21 +93,29 @@ class Gateway:
                 "model_not_found",
             )
 
-    def admit(self, tenant: Tenant, num_tokens: int) -> None:
-        wait = self.limiter.admit(tenant.key_id, num_tokens, time.monotonic())
-        if wait is not None:
-            self.metrics.rate_limited("requests" if self.limiter.last_refusal == "requests" else "tokens")
-            raise APIError(429, "rate limit exceeded for this API key", None, "rate_limit_exceeded", wait)
+    async def admit(self, tenant: Tenant, num_tokens: int) -> None:
+        refusal = await self.limits.admit(tenant.key_id, num_tokens)
+        if refusal is not None:
+            self.metrics.rate_limited(refusal.bucket)
+            raise APIError(
+                429, "rate limit exceeded for this API key", None, "rate_limit_exceeded", refusal.wait_s
+            )
 
     def charge(self, tenant: Tenant, num_tokens: int) -> None:
-        self.limiter.charge(tenant.key_id, num_tokens, time.monotonic())
+        self.limits.charge(tenant.key_id, num_tokens)
 
 
 def build_app(
-    client: EngineClient, tokenizer: Tokenizer, config: GatewayConfig, metrics: Metrics | None = None
+    client: EngineClient,
+    tokenizer: Tokenizer,
+    config: GatewayConfig,
+    metrics: Metrics | None = None,
+    limits: Limits | None = None,
 ) -> FastAPI:
+    """`limits`: where per-key limits are kept; default this process (`LocalLimits`)."""
     app = FastAPI(title="mimo-serve", version="0.1.0")
-    state = Gateway(client, tokenizer, config, metrics or Metrics(PrometheusBackend()))
+    limits = limits or LocalLimits(RateLimiter(config.requests_per_minute, config.tokens_per_minute))
+    state = Gateway(client, tokenizer, config, metrics or Metrics(PrometheusBackend()), limits)
     app.state.gateway = state
     install_error_handlers(app)
 

@@ -38,7 +38,7 @@ async def chat_completion(state: Gateway, tenant: Tenant, body: ChatCompletionRe
         )
         for i in range(body.n)
     ]
-    state.admit(tenant, num_prompt * body.n)
+    await state.admit(tenant, num_prompt * body.n)
     fanout = FanOut(state.client, calls, tenant.cache_salt)
     await fanout.start()
     assemblers = [

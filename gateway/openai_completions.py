@@ -60,7 +60,7 @@ async def completion(state: Gateway, tenant: Tenant, body: CompletionRequest, ri
         for j in range(body.n):
             params = engine_params(body, body.max_tokens, len(ids), config.max_model_len, body.logprobs, j)
             calls.append(EngineCall(p * body.n + j, ids, params, f"{rid}-{p}-{j}"))
-    state.admit(tenant, sum(len(ids) for ids in prompts) * body.n)
+    await state.admit(tenant, sum(len(ids) for ids in prompts) * body.n)
     fanout = FanOut(state.client, calls, tenant.cache_salt)
     await fanout.start()
     echoes = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]

@@ -2,12 +2,19 @@
 
 `admit` charges one request and the prompt's tokens up front; the completion's tokens are charged
 when they are known (`charge`), possibly driving the bucket negative so the next request waits.
-A refusal says how long until it would fit (the Retry-After of the 429).
+A refusal says how long until it would fit (the Retry-After of the 429) and which bucket refused.
+
+`Limits` is where the API keeps them: `LocalLimits` in the serving process (exact while one process
+serves the API), or a store every API-serving process shares (`cluster.shared_limits`: several
+gateway replicas, or the attention replicas of direct streaming), so a key's limit holds for the
+whole cluster, not per process.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 
 @dataclass
@@ -26,12 +33,17 @@ class _Bucket:
         return 0.0 if missing <= 0 else missing / self.refill_per_s
 
 
+@dataclass(frozen=True)
+class Refusal:
+    wait_s: float  # until the request would fit
+    bucket: Literal["requests", "tokens"]  # the bucket that refused (the longer wait)
+
+
 @dataclass
 class RateLimiter:
     requests_per_minute: int | None
     tokens_per_minute: int | None
     _buckets: dict[str, tuple[_Bucket | None, _Bucket | None]] = field(default_factory=dict)
-    last_refusal: str = ""  # "requests" or "tokens": which bucket refused last (for metrics)
 
     def _of(self, key: str, now_s: float) -> tuple[_Bucket | None, _Bucket | None]:
         if key not in self._buckets:
@@ -45,20 +57,18 @@ class RateLimiter:
                 bucket.refill(now_s)
         return self._buckets[key]
 
-    def admit(self, key: str, num_tokens: int, now_s: float) -> float | None:
-        """Charges one request and `num_tokens`; returns None, or seconds to wait when refused
-        (nothing is charged then). A request larger than the whole token bucket is charged the
-        bucket's capacity, so it waits for a full bucket rather than forever."""
+    def admit(self, key: str, num_tokens: int, now_s: float) -> Refusal | None:
+        """Charges one request and `num_tokens`; returns None, or the refusal (nothing is charged
+        then). A request larger than the whole token bucket is charged the bucket's capacity, so it
+        waits for a full bucket rather than forever."""
         requests, tokens = self._of(key, now_s)
         need_tokens = min(num_tokens, tokens.capacity) if tokens else 0
-        wait = max(
-            requests.wait_s(1) if requests else 0.0,
-            tokens.wait_s(need_tokens) if tokens else 0.0,
-        )
-        if wait > 0:
-            is_requests = requests is not None and requests.wait_s(1) >= wait
-            self.last_refusal = "requests" if is_requests else "tokens"
-            return wait
+        wait_requests = requests.wait_s(1) if requests else 0.0
+        wait_tokens = tokens.wait_s(need_tokens) if tokens else 0.0
+        if max(wait_requests, wait_tokens) > 0:
+            if wait_requests >= wait_tokens:
+                return Refusal(wait_requests, "requests")
+            return Refusal(wait_tokens, "tokens")
         if requests:
             requests.level -= 1
         if tokens:
@@ -69,3 +79,26 @@ class RateLimiter:
         _, tokens = self._of(key, now_s)
         if tokens:
             tokens.level -= num_tokens
+
+
+class Limits(Protocol):
+    """The API's view of the per-key limits (see the module docstring)."""
+
+    async def admit(self, key: str, num_tokens: int) -> Refusal | None: ...
+
+    def charge(self, key: str, num_tokens: int) -> None:
+        """Completion tokens, once known; never waits (a shared store is told in the background)."""
+        ...
+
+
+class LocalLimits:
+    """The limits held in this process."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    async def admit(self, key: str, num_tokens: int) -> Refusal | None:
+        return self.limiter.admit(key, num_tokens, time.monotonic())
+
+    def charge(self, key: str, num_tokens: int) -> None:
+        self.limiter.charge(key, num_tokens, time.monotonic())

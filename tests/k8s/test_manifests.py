@@ -255,14 +255,25 @@ def test_serve_config_v2_is_the_serve_config_of_the_pod_spec() -> None:
     assert rayservice["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
 
 
-def test_direct_streaming_is_refused_for_kubernetes_naming_the_field() -> None:
-    """Catches a render that silently drops the pods' API keys or ships a direct-streaming cluster
-    whose route chooser cannot see them (the pods always read keys from the Secret)."""
-    from cluster.spec import SpecError
+def test_direct_streaming_switches_every_pod_to_haproxy_with_the_key_forwarded() -> None:
+    """Catches a direct-streaming render whose pods start Ray without HAProxy (the app would have no
+    route chooser in front), without the body or Authorization header for the chooser (prefix
+    routing blind, or blind to the tenant's salt), or a relay render that switches them on."""
+    from cluster.spec import DIRECT_STREAMING_ENV
 
-    with pytest.raises(SpecError) as info:
-        render_manifests(ClusterSpec.from_dict({"gateway": {"direct_streaming": True}}))
-    assert info.value.field == "gateway" and "direct_streaming" in str(info.value)
+    def envs(objs: list[dict]) -> list[dict[str, str]]:
+        groups = _groups(_by_kind(objs, "RayService")[0])
+        return [
+            {e["name"]: e.get("value") for e in c["env"]}
+            for g in groups.values()
+            for c in g["template"]["spec"]["containers"]
+        ]
+
+    direct = render_manifests(ClusterSpec.from_dict({"gateway": {"direct_streaming": True}}))
+    assert all(env.items() >= DIRECT_STREAMING_ENV.items() for env in envs(direct))
+    assert DIRECT_STREAMING_ENV["RAY_SERVE_SESSION_ID_HEADER_KEY"] == "authorization"
+    relay = render_manifests(ClusterSpec())
+    assert not any(set(env) & set(DIRECT_STREAMING_ENV) for env in envs(relay))
 
 
 def test_local_expert_transport_renders_no_expert_pods() -> None:

@@ -84,3 +84,40 @@ def test_print_config_prints_this_config(capsys: pytest.CaptureFixture[str]) -> 
     """Catches `mimo serve --print-config` printing anything but the rendered config."""
     assert main(["serve", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == render_serve_config(ClusterSpec())
+
+
+def _deployment_names(app: object) -> set[str]:
+    """Every deployment bound anywhere under `app` (through init args and the ingress router)."""
+    from ray.serve import Application
+
+    names: set[str] = set()
+    pending, seen = [app], set()
+    while pending:
+        node = pending.pop()
+        if isinstance(node, Application) and id(node) not in seen:  # the chooser binds its ingress
+            seen.add(id(node))
+            names.add(node._bound_deployment.name)
+            pending += [*node._bound_deployment.init_args, *node._bound_deployment.init_kwargs.values()]
+            if node._ingress_request_router is not None:
+                pending.append(node._ingress_request_router)
+    return names
+
+
+@pytest.mark.parametrize(
+    ("gateway", "shared"),
+    [
+        ({"requests_per_minute": 60, "direct_streaming": True}, True),  # every replica serves the API
+        ({"tokens_per_minute": 6000, "num_replicas": 2}, True),  # two gateways
+        ({"requests_per_minute": 60}, False),  # one gateway: exact in its own process
+        ({"direct_streaming": True}, False),  # no limits: nothing to share
+    ],
+)
+def test_rate_limits_are_shared_when_several_processes_serve_the_api(gateway: dict, shared: bool) -> None:
+    """Catches per-key limits kept per process where several processes answer the API (a key
+    would get its limit once per gateway or attention replica), and a store call on every request
+    where one process answers alone."""
+    from cluster.app import build_application
+    from cluster.shared_limits import RATE_LIMITS
+
+    spec = ClusterSpec.from_dict({"gateway": gateway, "autoscaling": {"enabled": False}})
+    assert (RATE_LIMITS in _deployment_names(build_application(spec))) == shared
