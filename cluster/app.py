@@ -22,7 +22,7 @@ from cluster.expert_pool_deployment import ExpertPoolDeployment
 from cluster.gateway_deployment import APP_NAME, GatewayDeployment
 from cluster.route_chooser import RouteChooser
 from cluster.serve_config import ROUTE_CHOOSER
-from cluster.shared_limits import RATE_LIMITS, RateLimitsDeployment
+from cluster.shared_limits import MAX_ONGOING_CALLS, RATE_LIMITS, RateLimitsDeployment
 from cluster.spec import ClusterSpec, SpecError
 
 ROUTING_STATS_PERIOD_S = 0.5  # how often Serve polls each attention replica for its report
@@ -105,9 +105,12 @@ def _shared_limits(spec: ClusterSpec) -> Application | None:
         return None
     if not g.direct_streaming and g.num_replicas == 1:
         return None
-    return serve.deployment(name=RATE_LIMITS, num_replicas=1, ray_actor_options={"num_cpus": 0})(
-        RateLimitsDeployment
-    ).bind(g.requests_per_minute, g.tokens_per_minute)
+    return serve.deployment(
+        name=RATE_LIMITS,
+        num_replicas=1,
+        max_ongoing_requests=MAX_ONGOING_CALLS,
+        ray_actor_options={"num_cpus": 0},
+    )(RateLimitsDeployment).bind(g.requests_per_minute, g.tokens_per_minute)
 
 
 def _router_config(spec: ClusterSpec) -> RequestRouterConfig:

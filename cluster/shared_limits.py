@@ -24,6 +24,9 @@ from gateway.rate_limit import LocalLimits, RateLimiter, Refusal
 logger = logging.getLogger(__name__)
 
 RATE_LIMITS = "RateLimits"  # the deployment's name
+# Calls the one replica may hold at once (Serve's default is 5): each is microseconds on its event
+# loop, and every API-serving process's requests pass through it
+MAX_ONGOING_CALLS = 4096
 
 
 class RateLimitsDeployment:
@@ -32,10 +35,10 @@ class RateLimitsDeployment:
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
         self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
 
-    def admit(self, key: str, num_tokens: int) -> Refusal | None:
+    async def admit(self, key: str, num_tokens: int) -> Refusal | None:  # async: on the loop, no thread
         return self.limiter.admit(key, num_tokens, time.monotonic())
 
-    def charge(self, key: str, num_tokens: int) -> None:
+    async def charge(self, key: str, num_tokens: int) -> None:
         self.limiter.charge(key, num_tokens, time.monotonic())
 
 

@@ -73,7 +73,8 @@ def _wait_ready(url: str, deadline: float) -> None:
 def _wait_routed(url: str, deadline: float) -> None:
     """Until a repeated prompt hits its cache: right after start HAProxy may still be loading the
     replicas' ports and send requests through Serve's fallback proxy, which the chooser never sees.
-    A chooser whose answers HAProxy ignores never gets here (the deadline fails the module)."""
+    A chooser whose answers HAProxy ignores, or that hashes without the tenant's salt (the guesses
+    are off), never gets here: the deadline fails the module."""
     for k, key in enumerate(WARM_UP_KEYS):
         client = _client(url, key)
         system = f"Warm-up {k}. Answer in one short sentence. " * 8

@@ -15,10 +15,7 @@ class _Method:
         self.call = call
 
     def remote(self, *args: Any) -> Any:
-        async def answer() -> Any:
-            return self.call(*args)
-
-        return answer()
+        return self.call(*args)  # the deployment's coroutine, awaited by the caller
 
 
 class _Store:
