@@ -15,7 +15,7 @@ from cluster.metrics_ray import ray_metrics
 from cluster.shared_limits import SharedLimits
 from cluster.spec import ClusterSpec
 from gateway.config import GatewayConfig
-from gateway.rate_limit import Limits, LocalLimits, RateLimiter
+from gateway.rate_limit import Limits, LocalLimits
 
 APP_NAME = "mimo"
 
@@ -52,7 +52,7 @@ async def is_app_ready(pool: DeploymentHandle | None) -> bool:
 def api_limits(config: GatewayConfig, store: DeploymentHandle | None) -> Limits:
     """This process's per-key limits, or the shared store's when the application has one
     (`cluster.shared_limits`: more than one process serves the API)."""
-    local = LocalLimits(RateLimiter(config.requests_per_minute, config.tokens_per_minute))
+    local = LocalLimits(config.requests_per_minute, config.tokens_per_minute)
     return local if store is None else SharedLimits(store, local)
 
 

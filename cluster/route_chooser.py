@@ -10,8 +10,9 @@ The choice is our prefix-aware router's (`router.serve_adapter`, run by the Atte
 bypass the handle, the router counts load from the reports plus what it routed since each
 (`RouterConfig.load_source = "reports"`). With API keys, HAProxy forwards the client's
 Authorization header here (`cluster.spec.DIRECT_STREAMING_ENV` names it Serve's session header) and
-the prompt is hashed with that tenant's cache salt, as the replica will store it; a request without
-a valid key is routed unsalted, by load, and its replica answers 401.
+the prompt is hashed with the cache salt that key's tenant has (`gateway.auth.claimed_cache_salt`:
+one hash, no key file; the replica authenticates). A wrong or missing key's prompt matches no
+cached block, so it is routed by load, and its replica answers 401.
 """
 
 # No `from __future__ import annotations`: Serve's class-based FastAPI view needs the real `Request`
@@ -30,22 +31,20 @@ route_app = FastAPI()
 @serve.ingress(route_app)
 class RouteChooser:
     def __init__(self, spec: dict[str, Any], attention: DeploymentHandle) -> None:
-        from gateway.auth import KeyStore
         from mimo.tokenizer import Tokenizer
 
         self.spec = ClusterSpec.model_validate(spec)
         self.tokenizer = Tokenizer.from_dir(self.spec.model.path)
         self.attention = attention
-        keys_file = self.spec.gateway.api_keys_file
-        self.keys = KeyStore.from_file(keys_file) if keys_file else KeyStore([])
+        self.keyed = self.spec.gateway.api_keys_file is not None  # else every tenant shares the cache
 
     @route_app.post("/internal/route")
     async def route(self, request: Request) -> dict[str, Any]:
+        from gateway.auth import claimed_cache_salt
         from gateway.routing_prompt import routing_prompt
 
         token_ids = routing_prompt(await request.body(), self.tokenizer)
-        tenant = self.keys.authenticate(request.headers.get("authorization"))
-        salt = None if tenant is None else tenant.cache_salt
+        salt = claimed_cache_salt(request.headers.get("authorization")) if self.keyed else None
         # _reserve=False: the request goes out through HAProxy, not this handle, so no slot is held
         async with self.attention.choose_replica(
             prompt_token_ids=token_ids, salt=salt, _reserve=False

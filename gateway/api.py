@@ -22,7 +22,7 @@ from gateway.engine_client import EngineClient, EngineError
 from gateway.errors import APIError, install_error_handlers
 from gateway.openai_chat import chat_completion
 from gateway.openai_completions import completion
-from gateway.rate_limit import Limits, LocalLimits, RateLimiter
+from gateway.rate_limit import Limits, LocalLimits
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from mimo.tokenizer import Tokenizer
 from observability.recorder import Metrics, PrometheusBackend
@@ -114,7 +114,7 @@ def build_app(
 ) -> FastAPI:
     """`limits`: where per-key limits are kept; default this process (`LocalLimits`)."""
     app = FastAPI(title="mimo-serve", version="0.1.0")
-    limits = limits or LocalLimits(RateLimiter(config.requests_per_minute, config.tokens_per_minute))
+    limits = limits or LocalLimits(config.requests_per_minute, config.tokens_per_minute)
     state = Gateway(client, tokenizer, config, metrics or Metrics(PrometheusBackend()), limits)
     app.state.gateway = state
     install_error_handlers(app)

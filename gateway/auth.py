@@ -24,6 +24,24 @@ def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
+def _bearer_digest(authorization: str | None) -> bytes | None:
+    if not authorization or not authorization.startswith("Bearer "):
+        return None
+    return _digest(authorization[len("Bearer ") :].strip())
+
+
+def _tenant_id(digest: bytes) -> str:
+    return digest.hex()[:16]
+
+
+def claimed_cache_salt(authorization: str | None) -> str | None:
+    """The cache salt of the tenant a `Bearer KEY` header claims to be, without checking the key:
+    for a router, which only predicts where a prompt is cached. A valid key's salt is its tenant's
+    `cache_salt`; a wrong key's matches no cached block (and its replica answers 401)."""
+    digest = _bearer_digest(authorization)
+    return None if digest is None else _tenant_id(digest)
+
+
 class KeyStore:
     def __init__(self, digests: list[bytes]) -> None:
         self._digests = digests
@@ -45,14 +63,14 @@ class KeyStore:
         exit), so timing reveals neither which key nor how much of it matched."""
         if not self._digests:
             return ANONYMOUS
-        if not authorization or not authorization.startswith("Bearer "):
+        candidate = _bearer_digest(authorization)
+        if candidate is None:
             return None
-        candidate = _digest(authorization[len("Bearer ") :].strip())
         match: bytes | None = None
         for digest in self._digests:
             if hmac.compare_digest(candidate, digest):
                 match = digest
         if match is None:
             return None
-        key_id = match.hex()[:16]
+        key_id = _tenant_id(match)
         return Tenant(key_id, key_id)

@@ -94,8 +94,8 @@ class Limits(Protocol):
 class LocalLimits:
     """The limits held in this process."""
 
-    def __init__(self, limiter: RateLimiter) -> None:
-        self.limiter = limiter
+    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
+        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
 
     async def admit(self, key: str, num_tokens: int) -> Refusal | None:
         return self.limiter.admit(key, num_tokens, time.monotonic())

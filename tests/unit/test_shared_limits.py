@@ -7,7 +7,7 @@ import asyncio
 from typing import Any
 
 from cluster.shared_limits import RateLimitsDeployment, SharedLimits
-from gateway.rate_limit import LocalLimits, RateLimiter, Refusal
+from gateway.rate_limit import LocalLimits, Refusal
 
 
 class _Method:
@@ -34,14 +34,14 @@ class _Store:
 def _limits(rpm: int | None, tpm: int | None) -> tuple[SharedLimits, _Store, RateLimitsDeployment]:
     deployment = RateLimitsDeployment(rpm, tpm)
     store = _Store(deployment)
-    return SharedLimits(store, LocalLimits(RateLimiter(rpm, tpm))), store, deployment  # type: ignore[arg-type]
+    return SharedLimits(store, LocalLimits(rpm, tpm)), store, deployment  # type: ignore[arg-type]
 
 
 def test_two_processes_share_one_keys_requests() -> None:
     """Catches buckets kept per process: two processes' clients of one store admit the key's
     limit once between them, and the refusal names the bucket with the wait."""
     deployment = RateLimitsDeployment(3, None)
-    first, second = (SharedLimits(_Store(deployment), LocalLimits(RateLimiter(3, None))) for _ in range(2))  # type: ignore[arg-type]
+    first, second = (SharedLimits(_Store(deployment), LocalLimits(3, None)) for _ in range(2))  # type: ignore[arg-type]
 
     async def run() -> list[Refusal | None]:
         return [await limits.admit("k", 10) for limits in (first, second, first, second)]
