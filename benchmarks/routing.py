@@ -6,8 +6,10 @@ growing histories, `--concurrency` sessions in flight, greedy, EOS ignored) is r
 attention replicas of the tiny model, every replica a Serve replica with the same engine config.
 At the defaults every replica's GA pool could hold the whole run's distinct prompt blocks, so the
 prefix-aware routers all reach the ceiling; `--sessions 64 --kv-cache-mib 12` makes the caches
-evict (the README has what that measured). The JSON records each replica's pool sizes next to the
-trace's distinct blocks (`cache_pressure`).
+evict, and `--sessions 192 --kv-cache-mib 12` runs long enough (753 requests) that its TTFT p99 is
+set by routing rather than by the few cold first turns no router can avoid (the README has what
+each measured). The JSON records each replica's pool sizes next to the trace's distinct blocks
+(`cache_pressure`).
 - ours, round_robin, power_of_two, ray_prefix: the Serve application (`cluster.app`), Gateway ->
   Attention replicas (experts in process), through the gateway's HTTP API; Ray's router is plugged in
   as the Attention deployment's request router (`benchmarks/ray_prefix_router.py`).
