@@ -14,6 +14,7 @@ from torch import nn
 
 from mimo.config import AttentionShape, MiMoConfig
 from mimo.layers import apply_rope
+from mimo.linear import Linear
 
 # Query rows per chunk are chosen so one chunk's score matrix stays near this many elements.
 _MAX_SCORE_ELEMENTS = 1 << 25
@@ -27,7 +28,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, shape.num_q_heads * shape.qk_head_dim, bias=False)
         self.k_proj = nn.Linear(h, shape.num_kv_heads * shape.qk_head_dim, bias=False)
         self.v_proj = nn.Linear(h, shape.num_kv_heads * shape.v_head_dim, bias=False)
-        self.o_proj = nn.Linear(shape.num_q_heads * shape.v_head_dim, h, bias=False)
+        self.o_proj = Linear(shape.num_q_heads * shape.v_head_dim, h)
         self.attention_sink_bias = nn.Parameter(torch.zeros(shape.num_q_heads)) if shape.has_sink else None
         self.scale = shape.qk_head_dim**-0.5
         self.value_scale = config.attention_value_scale

@@ -18,6 +18,7 @@ from torch import nn
 from mimo.attention import Attention
 from mimo.config import LayerType, MiMoConfig
 from mimo.layers import DenseMLP, RMSNorm, RotaryEmbedding
+from mimo.linear import Linear
 from mimo.moe import MoE, Router
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -109,7 +110,7 @@ class MTPBlock(nn.Module):
         h, eps = config.hidden_size, config.rms_norm_eps
         self.enorm = RMSNorm(h, eps)
         self.hnorm = RMSNorm(h, eps)
-        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.eh_proj = Linear(2 * h, h)
         self.input_layernorm = RMSNorm(h, eps)
         self.self_attn = Attention(config, config.mtp_attention)
         self.pre_mlp_layernorm = RMSNorm(h, eps)
@@ -150,7 +151,7 @@ class MiMoForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MiMoModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
     def rope(self, layer_type: LayerType, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
         rotary = self.model.rope[layer_type.value]

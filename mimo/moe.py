@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo.config import MiMoConfig
+from mimo.linear import linear
 
 # A single token with up to this many chosen experts takes the plain loop (decode at batch 1).
 _PAIR_LOOP_MAX = 16
@@ -133,9 +134,9 @@ class Experts(nn.Module):
         weights = self._row_weights(x, routing)
         out = None
         for e in chosen:
-            act = self._swiglu(F.linear(x, self.gate_up_proj[e])).mul_(weights[:, e : e + 1])  # [N, I]
+            act = self._swiglu(linear(x, self.gate_up_proj[e])).mul_(weights[:, e : e + 1])  # [N, I]
             if out is None:
-                out = F.linear(act, self.down_proj[e])
+                out = linear(act, self.down_proj[e])
             else:
                 out.addmm_(act, self.down_proj[e].t())
         assert out is not None

@@ -18,6 +18,7 @@ from torch import nn
 
 from mimo.attention import Attention
 from mimo.layers import DenseMLP, RotaryEmbedding
+from mimo.linear import linear
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class FusedAttention:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], cos/sin [N, 1, rd] -> rotated scaled q [N, Hq, Dqk], rotated k|v [N, Hkv, Dqk+Dv]."""
         n, hq, hkv, dqk, rd = x.shape[0], self.num_q_heads, self.num_kv_heads, self.qk_dim, self.rotary_dim
-        y = F.linear(x, self.weight)
+        y = linear(x, self.weight)
         q_end = hq * dqk
         kv_end = q_end + hkv * (dqk + self.v_dim)
         q = y[:, :q_end].view(n, hq, dqk)
@@ -87,7 +88,7 @@ class FusedMLP:
         return FusedMLP(gate_up, mlp.down_proj)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
         out: torch.Tensor = self.down(F.silu(gate) * up)
         return out
 
