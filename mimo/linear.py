@@ -8,8 +8,9 @@ faster. Measured here (2 cores, each weight evicted before its call, median of 3
 [4096, 256] at 8 rows 838 -> 365 us, at 32 rows 1,291 -> 928 us; [896, 256] at 8 rows 196 -> 91 us;
 with one thread the gain holds up to 8 rows (835 -> 558 us) and turns into a loss at 16 (976 ->
 1,033 us). In the engine, two interleaved A/Bs in one process (median step): a batch-8 fp32 decode
-step 10.9 -> 9.5 and 13.0 -> 10.1 ms, batch 32 16.4 -> 15.6 and 17.2 -> 17.2 ms. bf16 weights gain nothing this way (x @ W.T already
-streams them at ~10 GB/s), nor does one row or a prefill chunk, nor CUDA: those take `F.linear`.
+step 10.9 -> 9.5 and 13.0 -> 10.1 ms, batch 32 16.4 -> 15.6 and 17.2 -> 17.2 ms. bf16 weights
+gain nothing this way (x @ W.T already streams them at ~10 GB/s), nor does one row or a prefill
+chunk, nor CUDA: those take `F.linear`.
 
 The result equals `F.linear` up to the order of float additions (a different kernel), as any change
 of batch size already gives.
