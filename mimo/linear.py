@@ -29,9 +29,11 @@ MAX_ROWS_THREADS = 32
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [N, in] (or any shape [..., in]) @ weight.T -> contiguous [N, out]."""
-    if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] >= 2:
-        max_rows = MAX_ROWS_THREADS if torch.get_num_threads() > 1 else MAX_ROWS_ONE_THREAD
-        if x.shape[0] <= max_rows:
+    if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu":
+        rows = x.shape[0]  # the thread count is asked only where it decides
+        if 2 <= rows <= MAX_ROWS_ONE_THREAD or (
+            MAX_ROWS_ONE_THREAD < rows <= MAX_ROWS_THREADS and torch.get_num_threads() > 1
+        ):
             return torch.mm(weight, x.t()).t().contiguous()
     return F.linear(x, weight)
 
