@@ -159,9 +159,7 @@ class Experts(nn.Module):
         out = torch.zeros_like(x)
         for e, w in zip(local, weights, strict=True):
             if e >= 0:
-                out.add_(
-                    F.linear(self._swiglu(F.linear(x, self.gate_up_proj[e])), self.down_proj[e]), alpha=w
-                )
+                out.add_(linear(self._swiglu(linear(x, self.gate_up_proj[e])), self.down_proj[e]), alpha=w)
         return out
 
     def _padded(

@@ -27,6 +27,11 @@ import torch
 BANDED_MIN_BLOCKS = 4
 BANDED_MIN_QUERIES = 32
 BANDED_GA_QUERIES = 128
+# Gathered key counts are rounded up to a multiple of this (masked zero-slot keys fill the rest),
+# capped at the most a window can show: a GA decode step otherwise grows its key count by one
+# each step, and oneDNN, which runs the bf16 bmm, compiles a kernel for each new shape (~0.5 ms
+# here, twice per step at batch 8; shapes it has seen cost ~40 us).
+KEY_BUCKET = 16
 
 
 @dataclass(frozen=True)
@@ -216,7 +221,9 @@ def _group(
     b = starts.shape[0]
     ends = starts + num_q  # exclusive
     firsts = torch.zeros_like(starts) if window is None else (starts - window).clamp(min=0)
-    num_keys = int((ends - firsts).max())
+    num_keys = -(-int((ends - firsts).max()) // KEY_BUCKET) * KEY_BUCKET
+    if window is not None:
+        num_keys = min(num_keys, window + num_q)
     k_pos = firsts[:, None] + torch.arange(num_keys)[None, :]  # [B, S']
     in_range = k_pos < ends[:, None]
     k_pos = torch.where(in_range, k_pos, firsts[:, None])

@@ -103,6 +103,27 @@ def test_paged_attention_equals_reference_over_mixed_groups() -> None:
         offset += f
 
 
+@pytest.mark.parametrize("window", [None, 8])
+def test_key_counts_are_bucketed_and_padding_is_masked_zero_slots(window: int | None) -> None:
+    """Catches a GA decode step whose key count grows one by one (a new bf16 kernel shape every step),
+    a window pool padded beyond what its window can show, or padding keys that are visible or read
+    a live slot: key counts are multiples of KEY_BUCKET (or the window's cap) and padding is masked."""
+    block, zero = 4, 64
+    bucket = paged_attention_module.KEY_BUCKET
+    for length in range(1, 40):
+        table: list[int | None] = list(range((length + block - 1) // block))
+        seg = Segment(0, 1, length - 1, table)  # one decode token at position length - 1
+        batch = build_batch([seg], block, window, torch.device("cpu"), zero, 1, 1, False)
+        (g,) = batch.groups
+        visible = g.mask[0, 0, 0, 0] == 0
+        keys = g.mask.shape[-1]
+        seen = length if window is None else min(length, window + 1)
+        cap = float("inf") if window is None else window + 1
+        assert keys == min(-(-seen // bucket) * bucket, cap)
+        assert int(visible.sum()) == seen
+        assert bool((g.key_rows[: keys][~visible] == zero).all())
+
+
 def test_narrowed_batch_attends_as_a_batch_built_for_its_rows() -> None:
     """Catches a narrowed one-sequence batch (the MTP blocks share one per step) letting a query see a
     later key or one outside its window, or writing K/V of rows outside its range: each sub-range of

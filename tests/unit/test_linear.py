@@ -44,6 +44,29 @@ def test_transposed_weight_view_and_batched_input() -> None:
     torch.testing.assert_close(linear(x3, w), F.linear(x3, w))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("onednn_before", [True, False])
+def test_one_low_precision_row_takes_aten_gemv_and_restores_onednn(
+    dtype: torch.dtype, onednn_before: bool
+) -> None:
+    """Catches a wrong orientation of the gemv (a [out, in] weight and the MoE's transposed down
+    projection view), a lost row dim, or oneDNN left switched off (or on) after the call."""
+    g = torch.Generator().manual_seed(7)
+    contiguous = torch.randn(192, 256, generator=g).to(dtype)
+    transposed = torch.randn(96, 256, generator=g).to(dtype).t()  # [256, 96], strides (1, 256)
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(onednn_before)
+    try:
+        for w in (contiguous, transposed):
+            x = torch.randn(1, w.shape[1], generator=g).to(dtype)
+            y = linear(x, w)
+            assert y.shape == (1, w.shape[0]) and y.dtype == dtype
+            torch.testing.assert_close(y.float(), x.float() @ w.float().T, rtol=2e-2, atol=2e-2)
+            assert torch._C._get_mkldnn_enabled() is onednn_before
+    finally:
+        torch._C._set_mkldnn_enabled(before)
+
+
 def test_module_is_a_bias_free_nn_linear() -> None:
     layer = Linear(16, 8)
     assert isinstance(layer, nn.Linear) and layer.bias is None
