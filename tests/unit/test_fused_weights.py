@@ -121,7 +121,7 @@ def test_key_counts_are_bucketed_and_padding_is_masked_zero_slots(window: int | 
         cap = float("inf") if window is None else window + 1
         assert keys == min(-(-seen // bucket) * bucket, cap)
         assert int(visible.sum()) == seen
-        assert bool((g.key_rows[: keys][~visible] == zero).all())
+        assert bool((g.key_rows[:keys][~visible] == zero).all())
 
 
 def test_narrowed_batch_attends_as_a_batch_built_for_its_rows() -> None:
