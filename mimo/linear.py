@@ -20,6 +20,13 @@ and two or more rows are 2-4x slower without oneDNN, so both keep `F.linear`. Th
 process-wide for the call's duration; another thread's matmul in that window takes ATen's kernel
 too, which changes only its speed.
 
+A weight can also carry a `PackedWeight`: oneDNN's blocked copy, made once, which every row count
+but a single row of a small weight then uses. F.linear and MKL re-lay a plain weight out on every
+call; a packed one is read as it lies. Measured here (each weight evicted before its call): bf16
+lm_head [4096, 256] at 8 rows 408 -> 243 us, the stacked experts [3072, 256] 338 -> 192 us; fp32
+712 -> 353 us and 494 -> 303 us (W @ x.T included); equal or faster at every row count up to
+2,048 hot. The pack doubles the memory of the weights packed.
+
 The result equals `F.linear` up to the order of float additions (a different kernel), as any change
 of batch size already gives.
 """
@@ -36,12 +43,54 @@ MAX_ROWS_THREADS = 32
 # largest low-precision weight (elements) a single row multiplies by with ATen's gemv
 MAX_GEMV_ELEMENTS = 1 << 17
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_PACKABLE = (torch.float32, torch.bfloat16)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [N, in] (or any shape [..., in]) @ weight.T -> contiguous [N, out]."""
+class PackedWeight:
+    """oneDNN's blocked copy of one CPU weight, made on first use and again whenever the weight
+    changes (written in place, which bumps its version, or replaced): it never serves stale values.
+    Copies and pickles carry no pack (they make their own)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._packed: torch.Tensor | None = None
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> bool:
+        return (
+            weight.device.type == "cpu" and weight.dtype in _PACKABLE and torch.backends.mkldnn.is_available()
+        )
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), weight._version)
+        if self._packed is None or key != self._key:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self._key = key
+        return self._packed
+
+    def __deepcopy__(self, memo: dict[int, object]) -> PackedWeight:
+        return PackedWeight()
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"_key": None, "_packed": None}
+
+
+def maybe_packed(weight: torch.Tensor) -> PackedWeight | None:
+    """A `PackedWeight` where oneDNN can pack `weight` (CPU, fp32 or bf16), else None."""
+    return PackedWeight() if PackedWeight.supports(weight) else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = None) -> torch.Tensor:
+    """x [N, in] (or any shape [..., in]) @ weight.T -> contiguous [N, out]; `packed`: the weight's
+    pack, used for two or more rows, or one row of a weight too large for the gemv below."""
     if x.dim() == 2 and x.device.type == "cpu":
         rows = x.shape[0]
+        if (
+            packed is not None
+            and x.dtype == weight.dtype
+            and (rows > 1 or weight.numel() > MAX_GEMV_ELEMENTS)
+        ):
+            return torch.ops.mkldnn._linear_pointwise(x, packed.get(weight), None, "none", [], "")
         if x.dtype == torch.float32:  # the thread count is asked only where it decides
             if 2 <= rows <= MAX_ROWS_ONE_THREAD or (
                 MAX_ROWS_ONE_THREAD < rows <= MAX_ROWS_THREADS and torch.get_num_threads() > 1
@@ -63,10 +112,15 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """A bias-free `nn.Linear` (same parameter, same state-dict key) computed by `linear`."""
+    """A bias-free `nn.Linear` (same parameter, same state-dict key) computed by `linear`, with its
+    weight packed once `pack()` is called (the paged forward does, on the CPU)."""
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
+        self.packed: PackedWeight | None = None
+
+    def pack(self) -> None:
+        self.packed = maybe_packed(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.packed)

@@ -16,18 +16,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo.config import MiMoConfig
-from mimo.linear import linear
+from mimo.linear import PackedWeight, linear, maybe_packed
 
 # A single token with up to this many chosen experts takes the plain loop (decode at batch 1).
 _PAIR_LOOP_MAX = 16
-# Padded batched experts while E_local x max rows per expert stays within this many x the pairs,
-# or within _PADDED_SMALL_ROW_EXPERTS: a decode-size batch, where the per-expert loop's ops cost
-# more than the padding (at 32 rows its 16 matmul pairs were slower than padding 2-4x). Decode
-# batches of 2-32 rows used to compute every local expert on every row in two matmuls instead; in
-# interleaved A/Bs here the padded path's decode steps were 1-11% faster at 8, 16 and 32 rows.
-# Trained routers are skewed (a 512-token chunk of the tiny model: 0 to 460 rows per expert), so a
-# looser bound pads most prefill chunks 3-4x: 2.2-2.6x slower than per-expert matmuls at 256-512
-# rows, measured here.
+# Batches of 2 to _DENSE_MAX_ROWS rows (decode) that the union below does not take run every local
+# expert on every row, weighted 0 where not chosen (`_dense`): two matmuls over the stacked experts,
+# which on the CPU read oneDNN packs (`pack`). A decode batch touches most experts anyway (8 rows
+# pick ~14 of 16), so this reads the same weights as per-expert batches and skips their
+# bookkeeping (~30 ops per layer). In interleaved A/Bs here at 8 rows the MoE's share of a decode
+# step fell from 4.5 to 3.6 ms (bf16, against padded batches on plain weights) and from 4.8 to 3.6
+# ms (fp32).
+_DENSE_MAX_ROWS = 32
+# Larger batches run padded batched experts while E_local x max rows per expert stays within this
+# many x the pairs, or within _PADDED_SMALL_ROW_EXPERTS: there the per-expert loop's ops cost more
+# than the padding (at 32 rows its 16 matmul pairs were slower than padding 2-4x). Trained routers
+# are skewed (a 512-token chunk of the tiny model: 0 to 460 rows per expert), so a looser bound pads
+# most prefill chunks 3-4x: 2.2-2.6x slower than per-expert matmuls at 256-512 rows, measured here.
 _PADDED_WASTE_MAX = 1.5
 _PADDED_SMALL_ROW_EXPERTS = 512
 # A small batch (rows x local experts at most _UNION_MAX_ROW_EXPERTS) whose rows together chose at
@@ -96,6 +101,12 @@ class Experts(nn.Module):
         self.weight_column: torch.Tensor
         self.register_buffer("weight_column", torch.where(local >= 0, local, len(ids)), persistent=False)
         self.local_ids: list[int] = local.tolist()  # local_index as a list, for host-side bookkeeping
+        self.packed: tuple[PackedWeight, PackedWeight] | None = None  # see pack()
+
+    def pack(self) -> None:
+        """Packs the stacked experts for `_dense` (CPU: mimo/linear.py's PackedWeight)."""
+        gate_up, down = maybe_packed(self.gate_up_proj), maybe_packed(self.down_proj)
+        self.packed = (gate_up, down) if gate_up is not None and down is not None else None
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N, H] -> [N, H]: sum over the token's chosen experts held here of weight * expert(x)."""
@@ -105,6 +116,8 @@ class Experts(nn.Module):
             chosen = sorted({self.local_ids[e] for e in routing.expert_ids.view(-1).tolist()} - {-1})
             if len(chosen) <= _UNION_MAX_FRACTION * num_local:
                 return self._union(x, routing, chosen)
+        if 1 < num_rows <= _DENSE_MAX_ROWS:
+            return self._dense(x, routing)
         local = self.local_index[routing.expert_ids].reshape(-1)  # [N*k], -1 where not held here
         if local.numel() <= _PAIR_LOOP_MAX and x.shape[0] == 1:
             return self._single_token(x, local.tolist(), routing.weights.reshape(-1).tolist())
@@ -141,6 +154,18 @@ class Experts(nn.Module):
                 out.addmm_(act, self.down_proj[e].t())
         assert out is not None
         return out
+
+    def _dense(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Every row through every local expert, weighted by its routing weight (0 where not chosen):
+        two matmuls over the experts stacked side by side, no per-expert bookkeeping."""
+        num_local, inter = len(self.expert_ids), self.intermediate_size
+        gate_up_w = self.gate_up_proj.view(num_local * 2 * inter, -1)  # [E*2I, H]
+        down_w = self.down_proj.transpose(1, 2).reshape(num_local * inter, -1).t()  # [H, E*I]
+        gate_up_p, down_p = self.packed if self.packed is not None else (None, None)
+        gate_up = linear(x, gate_up_w, gate_up_p).view(-1, num_local, 2 * inter)
+        gate, up = gate_up.split(inter, dim=-1)
+        act = F.silu(gate).mul_(up).mul_(self._row_weights(x, routing).unsqueeze(-1))  # [N, E, I]
+        return linear(act.view(x.shape[0], -1), down_w, down_p)
 
     def _row_weights(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """[N, E_local]: each row's combine weight per local expert (0 where it did not choose it)."""

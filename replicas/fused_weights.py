@@ -18,18 +18,19 @@ from torch import nn
 
 from mimo.attention import Attention
 from mimo.layers import DenseMLP, RotaryEmbedding
-from mimo.linear import linear
+from mimo.linear import PackedWeight, linear, maybe_packed
 
 
 @dataclass(frozen=True)
 class FusedAttention:
     """weight [Hq*Dqk + Hkv*(Dqk+Dv) + (Hq+Hkv)*rd, H] rows: q (times the softmax scale), per KV head
     its k then v (times the value scale), then per q head and per k head the rotate-half partners
-    of its first rd dims; sink [Hkv, 1, G, 1, 1] fp32 or None. o_proj stays the module's own (under
-    tensor parallelism it is a row-parallel linear that all-reduces)."""
+    of its first rd dims; sink [Hkv, 1, G, 1, 1] fp32 or None; packed: its oneDNN pack on the CPU.
+    o_proj stays the module's own (under tensor parallelism a row-parallel linear that all-reduces)."""
 
     weight: torch.Tensor
     sink: torch.Tensor | None
+    packed: PackedWeight | None
     num_q_heads: int
     num_kv_heads: int
     qk_dim: int
@@ -57,14 +58,14 @@ class FusedAttention:
             sink = None
             if attn.attention_sink_bias is not None:
                 sink = attn.attention_sink_bias.detach().float().view(hkv, 1, hq // hkv, 1, 1).clone()
-        return FusedAttention(weight, sink, hq, hkv, dqk, dv, rotary_dim)
+        return FusedAttention(weight, sink, maybe_packed(weight), hq, hkv, dqk, dv, rotary_dim)
 
     def project(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H], cos/sin [N, 1, rd] -> rotated scaled q [N, Hq, Dqk], rotated k|v [N, Hkv, Dqk+Dv]."""
         n, hq, hkv, dqk, rd = x.shape[0], self.num_q_heads, self.num_kv_heads, self.qk_dim, self.rotary_dim
-        y = linear(x, self.weight)
+        y = linear(x, self.weight, self.packed)
         q_end = hq * dqk
         kv_end = q_end + hkv * (dqk + self.v_dim)
         q = y[:, :q_end].view(n, hq, dqk)
@@ -76,19 +77,21 @@ class FusedAttention:
 
 @dataclass(frozen=True)
 class FusedMLP:
-    """A dense SwiGLU with gate and up in one matrix [2I, H]; down_proj stays the module's own."""
+    """A dense SwiGLU with gate and up in one matrix [2I, H] (packed on the CPU); down_proj stays
+    the module's own."""
 
     gate_up: torch.Tensor
+    packed: PackedWeight | None
     down: nn.Module
 
     @staticmethod
     def build(mlp: DenseMLP) -> FusedMLP:
         with torch.no_grad():
             gate_up = torch.cat((mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach())).contiguous()
-        return FusedMLP(gate_up, mlp.down_proj)
+        return FusedMLP(gate_up, maybe_packed(gate_up), mlp.down_proj)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up).chunk(2, dim=-1)
+        gate, up = linear(x, self.gate_up, self.packed).chunk(2, dim=-1)
         out: torch.Tensor = self.down(F.silu(gate) * up)
         return out
 

@@ -16,9 +16,10 @@ import torch
 
 from mimo.attention import Attention
 from mimo.config import LayerType
-from mimo.layers import RotaryEmbedding
+from mimo.layers import DenseMLP, RotaryEmbedding
+from mimo.linear import Linear
 from mimo.model import DecoderLayer, MiMoForCausalLM, MTPBlock
-from mimo.moe import MoE
+from mimo.moe import Experts, MoE
 from replicas.dispatch import ExpertDispatcher, Pending
 from replicas.fused_weights import FusedAttention, FusedMLP, RopeTable
 from replicas.paged_attention import (
@@ -99,8 +100,10 @@ class PagedModel:
         self.fused = {
             id(a): FusedAttention.build(a, c.rotary_dim) for a in model.modules() if isinstance(a, Attention)
         }
-        mtp_blocks = [b for b in model.model.mtp.layers if isinstance(b, MTPBlock)]
-        self.fused_mlp = {id(b.mlp): FusedMLP.build(b.mlp) for b in mtp_blocks}
+        self.fused_mlp = {id(m): FusedMLP.build(m) for m in model.modules() if isinstance(m, DenseMLP)}
+        for m in model.modules():  # the rest of the step's matmuls read oneDNN packs on the CPU
+            if isinstance(m, Linear | Experts):
+                m.pack()
 
     def prepare(self, seqs: Sequence[SeqInput], need_full: bool = True) -> StepBatch:
         batch = self._prepare(seqs, need_full)
@@ -226,6 +229,8 @@ class PagedModel:
         mlp = layer.mlp
         if self.dispatcher is not None and isinstance(mlp, MoE):
             return self.dispatcher.run(index, x, mlp.gate(x))
+        if isinstance(mlp, DenseMLP):
+            return self.fused_mlp[id(mlp)](x)
         return mlp(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

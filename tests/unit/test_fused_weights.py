@@ -226,3 +226,20 @@ def test_banded_prefill_equals_reference(pool: str, monkeypatch: pytest.MonkeyPa
         ref = attn.attend(q[:, start:], k, v, positions[start:], positions)[0].flatten(-2)
         torch.testing.assert_close(got[i * fed : (i + 1) * fed], ref, rtol=0, atol=5e-5)
         torch.testing.assert_close(full[i * fed : (i + 1) * fed], ref, rtol=0, atol=5e-5)
+
+
+def test_paged_model_packs_every_cpu_matmul_weight() -> None:
+    """Catches a decode matmul left on a plain weight on the CPU (oneDNN re-lays it out per call):
+    the fused projections and MLPs, o_proj, lm_head and the stacked experts all carry packs."""
+    from mimo.linear import Linear
+    from mimo.moe import Experts
+    from replicas.paged_model import PagedModel
+    from tests.factory import random_model
+
+    config = MiMoConfig.from_hub_dict(random_config_dict(num_layers=3))
+    paged = PagedModel(random_model(config), 8, 8, 4, 1)
+    assert all(f.packed is not None for f in paged.fused.values())
+    assert paged.fused_mlp and all(m.packed is not None for m in paged.fused_mlp.values())
+    modules = list(paged.model.modules())
+    assert all(m.packed is not None for m in modules if isinstance(m, Linear | Experts))
+    assert paged.model.lm_head.packed is not None

@@ -3,6 +3,8 @@ thread setting, and `Linear` is an `nn.Linear` with the same state-dict key."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 from collections.abc import Iterator
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimo.linear import MAX_ROWS_ONE_THREAD, MAX_ROWS_THREADS, Linear, linear
+from mimo.linear import MAX_GEMV_ELEMENTS, MAX_ROWS_ONE_THREAD, MAX_ROWS_THREADS, Linear, PackedWeight, linear
 
 
 @pytest.fixture(params=[1, 2])
@@ -73,3 +75,49 @@ def test_module_is_a_bias_free_nn_linear() -> None:
     assert list(layer.state_dict()) == list(nn.Linear(16, 8, bias=False).state_dict()) == ["weight"]
     x = torch.randn(4, 16)
     torch.testing.assert_close(layer(x), x @ layer.weight.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 33, 512])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features", [200, MAX_GEMV_ELEMENTS // 64 + 8], ids=["small", "large"])
+def test_packed_weight_equals_f_linear(rows: int, dtype: torch.dtype, out_features: int) -> None:
+    """Catches a pack of the wrong orientation or a dropped row, for every row count the packed path
+    takes (and the one-row gemv it leaves small weights to), including a transposed weight view."""
+    g = torch.Generator().manual_seed(rows)
+    for w in (
+        torch.randn(out_features, 64, generator=g).to(dtype),
+        torch.randn(64, out_features, generator=g).to(dtype).t(),
+    ):
+        x = torch.randn(rows, 64, generator=g).to(dtype)
+        y = linear(x, w, PackedWeight())
+        assert y.shape == (rows, out_features) and y.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(y.float(), F.linear(x, w).float(), rtol=tol, atol=tol)
+
+
+def test_pack_follows_in_place_writes_and_replaced_data() -> None:
+    """Catches a stale pack: the weight written in place (optimizer step, load_state_dict) or its
+    data replaced must show in the next result."""
+    layer = Linear(32, 48)
+    layer.pack()
+    x = torch.randn(4, 32)
+    before = layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    torch.testing.assert_close(layer(x), 2.0 * before, rtol=1e-5, atol=1e-5)
+    layer.load_state_dict({"weight": torch.zeros(48, 32)})
+    assert torch.equal(layer(x), torch.zeros(4, 48))
+    layer.weight.data = torch.ones(48, 32)
+    torch.testing.assert_close(layer(x), x.sum(-1, keepdim=True).expand(4, 48))
+
+
+def test_packed_module_copies_pickles_and_keeps_its_state_dict() -> None:
+    """Catches a pack that leaks into the state dict or breaks deepcopy / pickling (Ray ships
+    modules by pickle): copies compute the same result with their own pack."""
+    layer = Linear(16, 8)
+    layer.pack()
+    x = torch.randn(3, 16)
+    want = layer(x)
+    assert list(layer.state_dict()) == ["weight"]
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        torch.testing.assert_close(clone(x), want)

@@ -1,4 +1,4 @@
-"""`Experts` picks one of four computations by batch shape (`mimo/moe.py`); each must equal the
+"""`Experts` picks one of five computations by batch shape (`mimo/moe.py`); each must equal the
 plain per-token sum over the token's chosen experts, whichever it is, for a whole layer and for a
 shard holding a subset of the experts."""
 
@@ -13,7 +13,7 @@ from mimo.moe import Experts, Routing
 from tests.factory import random_config_dict
 
 CONFIG = MiMoConfig.from_hub_dict(random_config_dict())  # 16 experts, top-4, hidden 64
-PATHS = ("_single_token", "_union", "_padded", "_grouped")
+PATHS = ("_single_token", "_union", "_dense", "_padded", "_grouped")
 
 
 def _experts(expert_ids: list[int] | None) -> Experts:
@@ -53,19 +53,26 @@ def _reference(experts: Experts, x: torch.Tensor, routing: Routing) -> torch.Ten
     [
         (1, 0.0, "_single_token"),  # decode of one sequence
         (2, 3.0, "_union"),  # an MTP verify: few rows, few distinct experts
-        (8, 0.0, "_padded"),  # small decode batch touching most experts
-        (32, 0.0, "_padded"),  # decode at 32 sequences
-        (32, 3.0, "_padded"),  # the same, skewed
+        (8, 0.0, "_dense"),  # small decode batch touching most experts
+        (32, 0.0, "_dense"),  # decode at 32 sequences
+        (32, 3.0, "_dense"),  # the same, skewed
+        (33, 0.0, "_padded"),  # past the decode sizes
         (300, 0.0, "_padded"),  # a prefill chunk spread evenly
         (300, 3.0, "_grouped"),  # a skewed prefill chunk: padding would waste > 1.5x
     ],
 )
 @pytest.mark.parametrize("expert_ids", [None, [1, 3, 4, 8, 9, 12, 14, 15]], ids=["layer", "shard"])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 def test_every_path_equals_per_token_reference(
-    num_rows: int, skew: float, expected: str, expert_ids: list[int] | None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Catches a path that drops, duplicates or misweights a (row, expert) pair, or mixes rows."""
+    num_rows: int, skew: float, expected: str, expert_ids: list[int] | None, packed: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Catches a path that drops, duplicates or misweights a (row, expert) pair, or mixes rows, with
+    the stacked experts plain or packed (the paged forward packs them on the CPU)."""
     experts = _experts(expert_ids)
+    if packed:
+        experts.pack()
+        assert experts.packed is not None
     ran: list[str] = []
     for name in PATHS:
         method = getattr(Experts, name)
