@@ -116,10 +116,19 @@ class PagedKV:
         self.block_size = block_size
         self.qk_head_dim = qk_head_dim
         self.zero_slot = slots
+        self._gather = torch.empty(0, qk_head_dim + v_head_dim, dtype=dtype, device=device)
         self.kv = [
             torch.zeros(num_kv_heads, slots + 1, qk_head_dim + v_head_dim, dtype=dtype, device=device)
             for _ in range(num_layers)
         ]
+
+    def gather_buffer(self, rows: int) -> torch.Tensor:
+        """A [rows, Dqk + Dv] buffer that every layer's gather of this pool writes into in turn (its
+        K/V is used up before the next layer's gather): the same memory, warm in the cache, instead
+        of a fresh one per layer."""
+        if self._gather.shape[0] < rows:
+            self._gather = self._gather.new_empty(rows, self._gather.shape[1])
+        return self._gather
 
     @property
     def bytes(self) -> int:
@@ -255,10 +264,12 @@ def paged_attention(
     cache: torch.Tensor,
     batch: AttentionBatch,
     sink: torch.Tensor | None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [N, Hq, Dqk] (already scaled by the softmax scale), kv_new [N, Hkv, Dqk + Dv] (V already
     value-scaled): writes the new K/V into `cache` [Hkv, slots + 1, Dqk + Dv], then attends.
-    sink [Hkv, 1, G, 1, 1] fp32 per query head, or None. -> [N, Hq * Dv].
+    sink [Hkv, 1, G, 1, 1] fp32 per query head, or None. scratch: a [>= gathered rows, Dqk + Dv]
+    buffer the K/V gather may write into (`PagedKV.gather_buffer`). -> [N, Hq * Dv].
 
     Written out with matmuls rather than SDPA: q/k and v head dims differ, which sends SDPA to its
     slow math path, and GQA here needs only a view (query heads of one KV head side by side).
@@ -274,7 +285,13 @@ def paged_attention(
         qs = q if g.rows is None else q.index_select(0, g.rows)
         # [Hkv * B, G * Q, Dqk]: query heads of one KV head side by side, per sequence
         qg = qs.reshape(b, nq, num_kv_heads, group, dqk).permute(2, 0, 3, 1, 4).reshape(-1, group * nq, dqk)
-        gathered = cache.view(-1, width).index_select(0, g.key_rows)  # [Hkv * B * S, Dqk + Dv]
+        flat, rows = cache.view(-1, width), g.key_rows
+        if scratch is not None and scratch.shape[0] >= rows.shape[0]:
+            gathered = torch.index_select(
+                flat, 0, rows, out=scratch[: rows.shape[0]]
+            )  # [Hkv * B * S, Dqk + Dv]
+        else:
+            gathered = flat.index_select(0, rows)
         kv = gathered.view(num_kv_heads * b, -1, width)  # [Hkv * B, S, Dqk + Dv]
         k, v = kv[..., :dqk].transpose(1, 2), kv[..., dqk:]
         if g.band is not None:

@@ -173,7 +173,8 @@ class PagedModel:
         fused = self.fused[id(attn)]
         n = x.shape[0]
         q, kv_new = fused.project(x, rope[0].view(n, 1, -1), rope[1].view(n, 1, -1))
-        out = paged_attention(q, kv_new, kv.kv[index], batch, fused.sink)  # [N, Hq * Dv]
+        scratch = kv.gather_buffer(max(g.key_rows.shape[0] for g in batch.groups))
+        out = paged_attention(q, kv_new, kv.kv[index], batch, fused.sink, scratch)  # [N, Hq * Dv]
         return attn.o_proj(out)
 
     def forward(self, batch: StepBatch) -> torch.Tensor:

@@ -90,7 +90,9 @@ def test_paged_attention_equals_reference_over_mixed_groups() -> None:
                             s.num_q_per_kv, s.has_sink)  # fmt: skip
         cos, sin = rotary(torch.tensor(pos), torch.float32)
         q, kv_new = fused.project(torch.cat(x_rows), cos.unsqueeze(1), sin.unsqueeze(1))
-        return paged_attention(q, kv_new, kv.kv[0], batch, fused.sink)
+        # the step's groups gather in turn into one shared buffer (as the paged forward passes)
+        scratch = kv.gather_buffer(max(g.key_rows.shape[0] for g in batch.groups))
+        return paged_attention(q, kv_new, kv.kv[0], batch, fused.sink, scratch)
 
     run([(i, 0, n - f) for i, (n, f) in enumerate(zip(lengths, fed, strict=True))])  # history
     got = run([(i, n - f, f) for i, (n, f) in enumerate(zip(lengths, fed, strict=True))])
