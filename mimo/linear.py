@@ -20,8 +20,8 @@ and two or more rows are 2-4x slower without oneDNN, so both keep `F.linear`. Th
 process-wide for the call's duration; another thread's matmul in that window takes ATen's kernel
 too, which changes only its speed.
 
-A weight can also carry a `PackedWeight`: oneDNN's blocked copy, made once, which every row count
-but a single row of a small weight then uses. F.linear and MKL re-lay a plain weight out on every
+A weight can also carry a `PackedWeight`: oneDNN's blocked copy, made once, which decode-size row
+counts (2-64, and one row of a large weight) then use. F.linear and MKL re-lay a plain weight out on every
 call; a packed one is read as it lies. Measured here (each weight evicted before its call): bf16
 lm_head [4096, 256] at 8 rows 408 -> 243 us, the stacked experts [3072, 256] 338 -> 192 us; fp32
 712 -> 353 us and 494 -> 303 us (W @ x.T included); equal or faster at every row count up to
@@ -42,6 +42,12 @@ MAX_ROWS_ONE_THREAD = 8
 MAX_ROWS_THREADS = 32
 # largest low-precision weight (elements) a single row multiplies by with ATen's gemv
 MAX_GEMV_ELEMENTS = 1 << 17
+# Packed weights serve 2..MAX_PACKED_ROWS rows (decode batches), padded with zero rows to a multiple
+# of PACKED_ROW_BUCKET: oneDNN keeps a compiled kernel of ~0.5 MB per (row count, weight) it has
+# seen, up to 1,024 of them, so a server's ever-changing row counts would grow the process by
+# hundreds of MB; buckets bound it to 9 kernels per weight. Prefill chunks take F.linear.
+MAX_PACKED_ROWS = 64
+PACKED_ROW_BUCKET = 8
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _PACKABLE = (torch.float32, torch.bfloat16)
 
@@ -81,16 +87,18 @@ def maybe_packed(weight: torch.Tensor) -> PackedWeight | None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = None) -> torch.Tensor:
-    """x [N, in] (or any shape [..., in]) @ weight.T -> contiguous [N, out]; `packed`: the weight's
-    pack, used for two or more rows, or one row of a weight too large for the gemv below."""
+    """x [N, in] (or any shape [..., in]) @ weight.T -> [N, out] (rows contiguous); `packed`: the
+    weight's pack, used for 2..MAX_PACKED_ROWS rows, or one row of a weight too large for the gemv."""
     if x.dim() == 2 and x.device.type == "cpu":
         rows = x.shape[0]
-        if (
-            packed is not None
-            and x.dtype == weight.dtype
-            and (rows > 1 or weight.numel() > MAX_GEMV_ELEMENTS)
-        ):
-            return torch.ops.mkldnn._linear_pointwise(x, packed.get(weight), None, "none", [], "")
+        if packed is not None and x.dtype == weight.dtype:
+            if 1 < rows <= MAX_PACKED_ROWS:
+                padded = -(-rows // PACKED_ROW_BUCKET) * PACKED_ROW_BUCKET
+                if padded == rows:
+                    return _onednn(x, packed.get(weight))
+                return _onednn(F.pad(x, (0, 0, 0, padded - rows)), packed.get(weight))[:rows]
+            if rows == 1 and weight.numel() > MAX_GEMV_ELEMENTS:
+                return _onednn(x, packed.get(weight))
         if x.dtype == torch.float32:  # the thread count is asked only where it decides
             if 2 <= rows <= MAX_ROWS_ONE_THREAD or (
                 MAX_ROWS_ONE_THREAD < rows <= MAX_ROWS_THREADS and torch.get_num_threads() > 1
@@ -99,6 +107,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = 
         elif rows == 1 and x.dtype in _LOW_PRECISION and weight.numel() <= MAX_GEMV_ELEMENTS:
             return _gemv(x, weight)
     return F.linear(x, weight)
+
+
+def _onednn(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mimo.linear as linear_module
 from mimo.linear import MAX_GEMV_ELEMENTS, MAX_ROWS_ONE_THREAD, MAX_ROWS_THREADS, Linear, PackedWeight, linear
 
 
@@ -121,3 +122,24 @@ def test_packed_module_copies_pickles_and_keeps_its_state_dict() -> None:
     assert list(layer.state_dict()) == ["weight"]
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         torch.testing.assert_close(clone(x), want)
+
+
+def test_packed_row_counts_reach_onednn_in_buckets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches unbounded oneDNN kernels (one ~0.5 MB kernel per row count it sees): every decode
+    row count reaches it padded to a bucket, results keep their own rows, and prefill-size inputs
+    bypass the pack."""
+    seen: list[int] = []
+    real = linear_module._onednn
+
+    def spy(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return real(x, packed)
+
+    monkeypatch.setattr(linear_module, "_onednn", spy)
+    w = torch.randn(40, 16)
+    packed = PackedWeight()
+    for rows in range(2, linear_module.MAX_PACKED_ROWS + 2):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(linear(x, w, packed), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    bucket = linear_module.PACKED_ROW_BUCKET
+    assert set(seen) == set(range(bucket, linear_module.MAX_PACKED_ROWS + 1, bucket))
