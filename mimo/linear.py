@@ -21,8 +21,8 @@ process-wide for the call's duration; another thread's matmul in that window tak
 too, which changes only its speed.
 
 A weight can also carry a `PackedWeight`: oneDNN's blocked copy, made once, which decode-size row
-counts (2-64, and one row of a large weight) then use. F.linear and MKL re-lay a plain weight out on every
-call; a packed one is read as it lies. Measured here (each weight evicted before its call): bf16
+counts (2-64, and one row of a large weight) then use. F.linear and MKL re-lay a plain weight out
+on every call; a packed one is read as it lies. Measured here (each weight evicted before its call): bf16
 lm_head [4096, 256] at 8 rows 408 -> 243 us, the stacked experts [3072, 256] 338 -> 192 us; fp32
 712 -> 353 us and 494 -> 303 us (W @ x.T included); equal or faster at every row count up to
 2,048 hot. The pack doubles the memory of the weights packed.
