@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo.config import MiMoConfig
-from mimo.linear import PackedWeight, linear, maybe_packed
+from mimo.linear import PackedWeight, linear
 
 # A single token with up to this many chosen experts takes the plain loop (decode at batch 1).
 _PAIR_LOOP_MAX = 16
@@ -105,8 +105,7 @@ class Experts(nn.Module):
 
     def pack(self) -> None:
         """Packs the stacked experts for `_dense` (CPU: mimo/linear.py's PackedWeight)."""
-        gate_up, down = maybe_packed(self.gate_up_proj), maybe_packed(self.down_proj)
-        self.packed = (gate_up, down) if gate_up is not None and down is not None else None
+        self.packed = (PackedWeight(), PackedWeight()) if PackedWeight.supports(self.gate_up_proj) else None
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         """x [N, H] -> [N, H]: sum over the token's chosen experts held here of weight * expert(x)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -95,6 +96,11 @@ def band_for(num_q: int, window: int | None, starts: torch.Tensor, firsts: torch
 class AttentionBatch:
     write_slots: torch.Tensor  # [N] flat slot of every new token, in row order
     groups: list[Group]
+
+    @cached_property
+    def gather_rows(self) -> int:
+        """The most K/V rows one group gathers (the size of the pool's shared gather buffer)."""
+        return max(g.key_rows.shape[0] for g in self.groups)
 
 
 class PagedKV:
@@ -268,8 +274,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [N, Hq, Dqk] (already scaled by the softmax scale), kv_new [N, Hkv, Dqk + Dv] (V already
     value-scaled): writes the new K/V into `cache` [Hkv, slots + 1, Dqk + Dv], then attends.
-    sink [Hkv, 1, G, 1, 1] fp32 per query head, or None. scratch: a [>= gathered rows, Dqk + Dv]
-    buffer the K/V gather may write into (`PagedKV.gather_buffer`). -> [N, Hq * Dv].
+    sink [Hkv, 1, G, 1, 1] fp32 per query head, or None. scratch: a [>= batch.gather_rows, Dqk + Dv]
+    buffer the K/V gather writes into (`PagedKV.gather_buffer`), or None for a fresh one. -> [N, Hq * Dv].
 
     Written out with matmuls rather than SDPA: q/k and v head dims differ, which sends SDPA to its
     slow math path, and GQA here needs only a view (query heads of one KV head side by side).
@@ -286,12 +292,8 @@ def paged_attention(
         # [Hkv * B, G * Q, Dqk]: query heads of one KV head side by side, per sequence
         qg = qs.reshape(b, nq, num_kv_heads, group, dqk).permute(2, 0, 3, 1, 4).reshape(-1, group * nq, dqk)
         flat, rows = cache.view(-1, width), g.key_rows
-        if scratch is not None and scratch.shape[0] >= rows.shape[0]:
-            gathered = torch.index_select(
-                flat, 0, rows, out=scratch[: rows.shape[0]]
-            )  # [Hkv * B * S, Dqk + Dv]
-        else:
-            gathered = flat.index_select(0, rows)
+        out_rows = None if scratch is None else scratch[: rows.shape[0]]
+        gathered = torch.index_select(flat, 0, rows, out=out_rows)  # [Hkv * B * S, Dqk + Dv]
         kv = gathered.view(num_kv_heads * b, -1, width)  # [Hkv * B, S, Dqk + Dv]
         k, v = kv[..., :dqk].transpose(1, 2), kv[..., dqk:]
         if g.band is not None:

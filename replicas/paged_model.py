@@ -173,7 +173,7 @@ class PagedModel:
         fused = self.fused[id(attn)]
         n = x.shape[0]
         q, kv_new = fused.project(x, rope[0].view(n, 1, -1), rope[1].view(n, 1, -1))
-        scratch = kv.gather_buffer(max(g.key_rows.shape[0] for g in batch.groups))
+        scratch = kv.gather_buffer(batch.gather_rows)
         out = paged_attention(q, kv_new, kv.kv[index], batch, fused.sink, scratch)  # [N, Hq * Dv]
         return attn.o_proj(out)
 
@@ -220,7 +220,7 @@ class PagedModel:
                 if isinstance(layer.mlp, MoE):
                     pending[j] = (d.submit(i, x, layer.mlp.gate(x)), x)
                 else:
-                    hs[j] = hs[j] + layer.mlp(x)
+                    hs[j] = hs[j] + self._mlp(i, layer, x)
         for j, waiting in enumerate(pending):
             if waiting is not None:
                 hs[j] = hs[j] + d.collect(*waiting)

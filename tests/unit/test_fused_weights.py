@@ -91,7 +91,7 @@ def test_paged_attention_equals_reference_over_mixed_groups() -> None:
         cos, sin = rotary(torch.tensor(pos), torch.float32)
         q, kv_new = fused.project(torch.cat(x_rows), cos.unsqueeze(1), sin.unsqueeze(1))
         # the step's groups gather in turn into one shared buffer (as the paged forward passes)
-        scratch = kv.gather_buffer(max(g.key_rows.shape[0] for g in batch.groups))
+        scratch = kv.gather_buffer(batch.gather_rows)
         return paged_attention(q, kv_new, kv.kv[0], batch, fused.sink, scratch)
 
     run([(i, 0, n - f) for i, (n, f) in enumerate(zip(lengths, fed, strict=True))])  # history
