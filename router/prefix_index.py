@@ -50,7 +50,8 @@ class ReplicaLoad:
     num_running: int
     num_waiting: int
     kv_usage: float
-    report_age_s: float
+    report_age_s: float  # since the router received it (monotonic)
+    recorded_at: float  # when the replica took it (its wall clock)
 
 
 class PrefixIndex:
@@ -163,7 +164,13 @@ class PrefixIndex:
         if view is None or view.report is None:
             return None
         report = view.report
-        return ReplicaLoad(report.num_running, report.num_waiting, report.kv_usage, now - view.received_at)
+        return ReplicaLoad(
+            report.num_running,
+            report.num_waiting,
+            report.kv_usage,
+            now - view.received_at,
+            report.recorded_at,
+        )
 
     def has_prefix_view(self, replica_id: str) -> bool:
         """The replica's block sets are usable (synced to its log, same block size)."""

@@ -1,6 +1,6 @@
 """When each replica was last sent requests, for a router that never sees them end (direct
 streaming: HAProxy sends them). A replica's load is then its last report plus the requests routed
-to it after that report arrived; routings older than the horizon are forgotten."""
+to it after that report was taken; routings older than the horizon are forgotten."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from router.policy import (
     rank_prefix,
 )
 from router.prefix_index import PrefixIndex
-from router.recent_routes import RecentRoutes
+from router.replica_loads import ReplicaLoads
 from router.route_board import BoardClient
 
 MAX_TRACKED_REQUESTS = 65536  # routed requests remembered for in-flight counts (oldest dropped)
@@ -54,6 +54,7 @@ class DecisionRecord:
 class _Routed:
     replica_id: str
     block_hashes: tuple[int, ...]
+    routed_at: float  # time.time(), as `router.replica_loads` counts
 
 
 def make_request_router_config(config: RouterConfig, stats_period_s: float) -> RequestRouterConfig:
@@ -116,8 +117,7 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._round_robin = RoundRobin()
         self._power_of_two = PowerOfTwo(config.seed)
         self._routed: OrderedDict[str, _Routed] = OrderedDict()  # internal request id -> where
-        self._in_flight: Counter[str] = Counter()  # replica id -> routed here, not completed
-        self._recent = RecentRoutes(config.stale_after_s)  # load_source "reports": routings per replica
+        self._loads = ReplicaLoads(config.load_source, config.stale_after_s)
         self.decisions: deque[DecisionRecord] = deque(maxlen=1024)
         self.num_decisions: Counter[str] = Counter()  # reason -> decisions
         self.num_expected_hit_tokens = 0
@@ -135,14 +135,13 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._apply_reports(replicas)
         live = {r.replica_id.unique_id for r in replicas}
         self.index.retain(live)
-        for replica_id in [r for r in self._in_flight if r not in live]:
-            del self._in_flight[replica_id]
-        self._recent.retain(live)
+        self._loads.retain(live)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self.index.retain(r.unique_id for r in self.curr_replicas)
-        self._in_flight.pop(replica_id.unique_id, None)
+        live = [r.unique_id for r in self.curr_replicas if r != replica_id]
+        self.index.retain(live)
+        self._loads.retain(live)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -184,9 +183,8 @@ class PrefixAwareRequestRouter(RequestRouter):
         actual = replica_id.unique_id
         if routed is None or routed.replica_id == actual:
             return
-        self._in_flight[routed.replica_id] -= 1
-        self._in_flight[actual] += 1
-        self._routed[request_id] = _Routed(actual, routed.block_hashes)
+        self._loads.moved(routed.replica_id, actual)
+        self._routed[request_id] = _Routed(actual, routed.block_hashes, routed.routed_at)
         self.index.drop_guesses(routed.replica_id, routed.block_hashes)
         self.index.note_routed(actual, routed.block_hashes, time.monotonic())
         if self._board is not None:
@@ -195,7 +193,8 @@ class PrefixAwareRequestRouter(RequestRouter):
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         routed = self._routed.get(internal_request_id)
         if routed is not None and routed.replica_id == replica_id.unique_id:
-            self._forget(internal_request_id)
+            del self._routed[internal_request_id]
+            self._loads.completed(routed.replica_id, routed.routed_at, time.time())
 
     # --- internals -------------------------------------------------------------------------------
 
@@ -207,13 +206,10 @@ class PrefixAwareRequestRouter(RequestRouter):
     async def _candidates(
         self, replicas: Sequence[RunningReplica], hashes: Sequence[int], num_tokens: int
     ) -> list[Candidate]:
-        """Each replica's cached prefix and load. Requests, with `load_source` "handle": the largest
-        of three lower bounds (the last report, this router's in-flight count, Serve's queue-length
-        cache); with "reports" (nothing completes through this router): the last report plus the
-        requests routed there since it arrived. A long prompt yields to the loop between replicas
-        (matching costs up to ~1 µs per block per replica)."""
+        """Each replica's cached prefix and load (requests: `router.replica_loads`). A long prompt
+        yields to the loop between replicas (matching costs up to ~1 µs per block per replica)."""
         is_long = len(hashes) > self.config.hash_chunk_blocks
-        now = time.monotonic()
+        now, wall_now = time.monotonic(), time.time()
         candidates: list[Candidate] = []
         for replica in replicas:
             if is_long and candidates:
@@ -221,13 +217,11 @@ class PrefixAwareRequestRouter(RequestRouter):
             replica_id = replica.replica_id.unique_id
             load = self.index.load(replica_id, now)
             is_fresh = load is not None and load.report_age_s <= self.config.stale_after_s
-            reported = load.num_running + load.num_waiting if load is not None and is_fresh else 0
-            if self.config.load_source == "reports":
-                report_at = now - load.report_age_s if load is not None and is_fresh else None
-                num_requests = reported + self._recent.count_since(replica_id, report_at, now)
-            else:
-                queue_len = self.replica_queue_len_cache.get(replica.replica_id) or 0
-                num_requests = max(reported, self._in_flight[replica_id], queue_len)
+            reported, recorded_at = None, 0.0
+            if load is not None and is_fresh:
+                reported, recorded_at = load.num_running + load.num_waiting, load.recorded_at
+            queue_len = self.replica_queue_len_cache.get(replica.replica_id) or 0
+            num_requests = self._loads.num_requests(replica_id, reported, recorded_at, queue_len, wall_now)
             cached = self.index.matched_blocks(replica_id, hashes, num_tokens, now) if hashes else 0
             kv_usage = load.kv_usage if load is not None else 0.0
             held = self.index.num_held_blocks(replica_id) if is_fresh else 0
@@ -239,11 +233,9 @@ class PrefixAwareRequestRouter(RequestRouter):
         answers still spreads; undone if the request is cancelled before it is sent."""
         request_id = pending_request.metadata.internal_request_id
         self._forget(request_id)  # a retry of the same request
-        self._routed[request_id] = _Routed(replica_id, tuple(hashes))
-        self._in_flight[replica_id] += 1
-        now = time.monotonic()
-        if self.config.load_source == "reports":
-            self._recent.note(replica_id, now)
+        now, wall_now = time.monotonic(), time.time()
+        self._routed[request_id] = _Routed(replica_id, tuple(hashes), wall_now)
+        self._loads.routed(replica_id, wall_now)
         self.index.note_routed(replica_id, hashes, now)
         if self._board is not None:
             self._board.publish(replica_id, hashes)
@@ -271,9 +263,11 @@ class PrefixAwareRequestRouter(RequestRouter):
             self.index.note_routed(replica_id, block_hashes, time.monotonic() - age_s)
 
     def _forget(self, request_id: str) -> None:
+        """Drop a routed request that did not run where it was routed (retried, cancelled, or
+        the oldest of too many tracked)."""
         routed = self._routed.pop(request_id, None)
-        if routed is not None and self._in_flight[routed.replica_id] > 0:
-            self._in_flight[routed.replica_id] -= 1
+        if routed is not None:
+            self._loads.dropped(routed.replica_id)
 
     def _record(
         self, pending_request: PendingRequest, decision: RouteDecision, num_prompt_tokens: int
