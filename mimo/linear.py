@@ -27,11 +27,21 @@ lm_head [4096, 256] at 8 rows 408 -> 243 us, the stacked experts [3072, 256] 338
 712 -> 353 us and 494 -> 303 us (W @ x.T included); equal or faster at every row count up to
 2,048 hot. The pack doubles the memory of the weights packed.
 
+Low-precision matmuls on the CPU run in oneDNN, which compiles and caches a kernel for every
+shape it sees (~0.5-1 MB each, up to 1,024 of them). A server's row counts change with every
+prefill chunk and every expert's share of it: under prompts of random lengths a bf16 engine grew
+from 0.4 to 1.4 GB, one kernel per (rows, weight shape), while fp32 (MKL, nothing cached per shape)
+stayed flat. So every low-precision matmul of 2+ rows here sees a bucketed row count
+(`row_bucket`: multiples of 8 up to 64, then 4 steps per power of two, at most 25% padding), padded
+with zero rows; each weight shape then gets a few dozen kernels at most, reused ever after.
+
 The result equals `F.linear` up to the order of float additions (a different kernel), as any change
 of batch size already gives.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +55,7 @@ MAX_GEMV_ELEMENTS = 1 << 17
 # Packed weights serve 2..MAX_PACKED_ROWS rows (decode batches), padded with zero rows to a multiple
 # of PACKED_ROW_BUCKET: oneDNN keeps a compiled kernel of ~0.5 MB per (row count, weight) it has
 # seen, up to 1,024 of them, so a server's ever-changing row counts would grow the process by
-# hundreds of MB; buckets bound it to 9 kernels per weight. Prefill chunks take F.linear.
+# hundreds of MB; buckets bound it to 9 kernels per weight. More rows take F.linear, bucketed too.
 MAX_PACKED_ROWS = 64
 PACKED_ROW_BUCKET = 8
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -86,6 +96,24 @@ def maybe_packed(weight: torch.Tensor) -> PackedWeight | None:
     return PackedWeight() if PackedWeight.supports(weight) else None
 
 
+def row_bucket(rows: int) -> int:
+    """The row count a low-precision CPU matmul of `rows` rows runs at (module docstring):
+    multiples of PACKED_ROW_BUCKET up to MAX_PACKED_ROWS, then a quarter of the power of two below."""
+    step = PACKED_ROW_BUCKET if rows <= MAX_PACKED_ROWS else 1 << (rows.bit_length() - 3)
+    return -(-rows // step) * step
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` [N, ...] with zero rows appended up to `rows` (x itself when N == rows)."""
+    extra = rows - x.shape[0]
+    return x if extra == 0 else F.pad(x, (0, 0) * (x.dim() - 1) + (0, extra))
+
+
+def buckets_rows(x: torch.Tensor) -> bool:
+    """Whether matmuls of `x` must see bucketed row counts: low precision on the CPU."""
+    return x.device.type == "cpu" and x.dtype in _LOW_PRECISION
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = None) -> torch.Tensor:
     """x [N, in] (or any shape [..., in]) @ weight.T -> [N, out] (rows contiguous); `packed`: the
     weight's pack, used for 2..MAX_PACKED_ROWS rows, or one row of a weight too large for the gemv."""
@@ -93,10 +121,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = 
         rows = x.shape[0]
         if packed is not None and x.dtype == weight.dtype:
             if 1 < rows <= MAX_PACKED_ROWS:
-                padded = -(-rows // PACKED_ROW_BUCKET) * PACKED_ROW_BUCKET
-                if padded == rows:
-                    return _onednn(x, packed.get(weight))
-                return _onednn(F.pad(x, (0, 0, 0, padded - rows)), packed.get(weight))[:rows]
+                return _bucketed(x, lambda padded: _onednn(padded, packed.get(weight)))
             if rows == 1 and weight.numel() > MAX_GEMV_ELEMENTS:
                 return _onednn(x, packed.get(weight))
         if x.dtype == torch.float32:  # the thread count is asked only where it decides
@@ -104,9 +129,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: PackedWeight | None = 
                 MAX_ROWS_ONE_THREAD < rows <= MAX_ROWS_THREADS and torch.get_num_threads() > 1
             ):
                 return torch.mm(weight, x.t()).t().contiguous()
-        elif rows == 1 and x.dtype in _LOW_PRECISION and weight.numel() <= MAX_GEMV_ELEMENTS:
-            return _gemv(x, weight)
+        elif x.dtype in _LOW_PRECISION:
+            if rows == 1:
+                return _gemv(x, weight) if weight.numel() <= MAX_GEMV_ELEMENTS else F.linear(x, weight)
+            return _bucketed(x, lambda padded: F.linear(padded, weight))
     return F.linear(x, weight)
+
+
+def _bucketed(x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`matmul` of `x` run at `row_bucket` rows, the padding rows' results dropped."""
+    rows = x.shape[0]
+    bucket = row_bucket(rows)
+    return matmul(x) if bucket == rows else matmul(pad_rows(x, bucket))[:rows]
 
 
 def _onednn(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo.config import MiMoConfig
-from mimo.linear import PackedWeight, linear
+from mimo.linear import PackedWeight, buckets_rows, linear, pad_rows, row_bucket
 
 # A single token with up to this many chosen experts takes the plain loop (decode at batch 1).
 _PAIR_LOOP_MAX = 16
@@ -190,7 +190,10 @@ class Experts(nn.Module):
         self, rows: torch.Tensor, experts_sorted: torch.Tensor, counts: torch.Tensor, capacity: int
     ) -> torch.Tensor:
         """Rows scattered into a zero-padded [E_local, capacity, H] batch: two bmm calls for all experts
-        (a few ops instead of a loop over experts; `forward` bounds the padding)."""
+        (a few ops instead of a loop over experts; `forward` bounds the padding). In low precision on
+        the CPU the capacity is bucketed like `linear`'s rows (oneDNN compiles a kernel per shape)."""
+        if buckets_rows(rows):
+            capacity = row_bucket(capacity)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(rows.shape[0], device=rows.device) - starts[experts_sorted]
         batch = rows.new_zeros(len(self.expert_ids), capacity, rows.shape[1])
@@ -199,14 +202,19 @@ class Experts(nn.Module):
         return torch.bmm(act, self.down_proj.transpose(1, 2))[experts_sorted, slot]  # [P, H]
 
     def _grouped(self, rows: torch.Tensor, experts_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Many pairs: one matmul pair per expert over its contiguous rows."""
+        """Many pairs: one matmul pair per expert over its contiguous rows (in low precision on the
+        CPU each expert's rows padded to `row_bucket`, as `linear` does, kept through both matmuls)."""
+        bucketed = buckets_rows(rows)
         pieces = []
         start = 0
         for e, count in enumerate(counts):
             if count == 0:
                 continue
             seg = rows[start : start + count]
-            pieces.append(self._swiglu(seg @ self.gate_up_proj[e].T) @ self.down_proj[e].T)
+            if bucketed:
+                seg = pad_rows(seg, row_bucket(count))
+            out = self._swiglu(seg @ self.gate_up_proj[e].T) @ self.down_proj[e].T
+            pieces.append(out[:count])
             start += count
         return torch.cat(pieces)
 

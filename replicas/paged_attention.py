@@ -12,6 +12,16 @@ the cache seen as [heads x slots, dims]: at batch 8 3.5x faster than a dim-1 gat
 equal at batch 1), and each pool's last slot is kept zero:
 padding reads it, and with sinks it is one more key whose score is the sink (put in by the mask)
 and whose value is zero, so the softmax needs no extra column handling.
+
+On the CPU a bf16/fp16 cache is attended in fp32: the query and each gathered K/V row are upcast
+(exactly) and the matmuls run in MKL, the output rounded once at the end. oneDNN, which runs
+low-precision bmm, compiles and caches a kernel for every shape it sees (~0.5-1 MB each, up to
+1,024), and attention shapes change with every batch size, prefill chunk and key count: a bf16
+engine grew by ~900 MB under prompts of random lengths. In fp32 nothing is cached per shape, and
+it is faster here too (interleaved A/Bs in one process, bf16 tiny model, median decode step: batch 1
+4.52 -> 4.16 ms, batch 8 7.57 -> 6.89 ms, batch 32 11.49 -> 11.12 ms; a 2,048-token prefill 357 ->
+326 ms). Scores and probabilities are no longer rounded to bf16 in between, so the result is
+closer to fp32 attention than before. CUDA keeps its bf16 matmuls.
 """
 
 from __future__ import annotations
@@ -29,9 +39,10 @@ BANDED_MIN_BLOCKS = 4
 BANDED_MIN_QUERIES = 32
 BANDED_GA_QUERIES = 128
 # Gathered key counts are rounded up to a multiple of this (masked zero-slot keys fill the rest),
-# capped at the most a window can show: a GA decode step otherwise grows its key count by one
-# each step, and oneDNN, which runs the bf16 bmm, compiles a kernel for each new shape (~0.5 ms
-# here, twice per step at batch 8; shapes it has seen cost ~40 us).
+# capped at the most a window can show: a GA decode step's key count otherwise grows by one each
+# step, a new shape for any kernel compiled or tuned per shape. It was added for oneDNN's bf16 bmm
+# (~0.5 ms per new shape); CPU attention now runs in fp32 (module docstring) and no longer needs
+# it, and it costs at most 15 masked keys per sequence.
 KEY_BUCKET = 16
 
 
@@ -286,14 +297,19 @@ def paged_attention(
     group = num_q_heads // num_kv_heads
     cache.index_copy_(1, batch.write_slots, _as(kv_new.transpose(0, 1), cache.dtype))
     out = None if batch.groups[0].rows is None else q.new_empty(q.shape[0], num_q_heads * dv)
+    upcast = cache.device.type == "cpu" and cache.dtype in _LOW_PRECISION  # module docstring
     for g in batch.groups:
         b, nq = g.num_seqs, g.num_q
         qs = q if g.rows is None else q.index_select(0, g.rows)
+        if upcast:
+            qs = qs.float()
         # [Hkv * B, G * Q, Dqk]: query heads of one KV head side by side, per sequence
         qg = qs.reshape(b, nq, num_kv_heads, group, dqk).permute(2, 0, 3, 1, 4).reshape(-1, group * nq, dqk)
         flat, rows = cache.view(-1, width), g.key_rows
         out_rows = None if scratch is None else scratch[: rows.shape[0]]
         gathered = torch.index_select(flat, 0, rows, out=out_rows)  # [Hkv * B * S, Dqk + Dv]
+        if upcast:
+            gathered = gathered.float()
         kv = gathered.view(num_kv_heads * b, -1, width)  # [Hkv * B, S, Dqk + Dv]
         k, v = kv[..., :dqk].transpose(1, 2), kv[..., dqk:]
         if g.band is not None:
@@ -303,7 +319,7 @@ def paged_attention(
         o = o.view(num_kv_heads, b, group, nq, dv).permute(1, 3, 0, 2, 4)  # [B, Q, Hkv, G, Dv]
         if out is None:
             return _as(o.reshape(b * nq, num_q_heads * dv), q.dtype)
-        out[g.rows] = o.reshape(b * nq, num_q_heads * dv)
+        out[g.rows] = _as(o.reshape(b * nq, num_q_heads * dv), out.dtype)
     assert out is not None
     return out
 
@@ -359,12 +375,15 @@ def _softmax(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, out_dtype: to
     """softmax(q @ k + mask) over keys, scores in fp32."""
     if q.dtype == torch.float32 and k.dtype == torch.float32:
         return torch.softmax(torch.baddbmm(mask, q, k), dim=-1)
-    # low precision: scores and softmax in fp32. A gathered k is a transposed view of rows that also
-    # hold V; the bf16 bmm would copy it transposing (~150 us per SWA layer at batch 32), so its rows
-    # are copied as rows first (~10 us) and handed over transposed-contiguous, which it reads as is.
+    # low precision (CUDA; the CPU upcasts before this): scores and softmax in fp32. A gathered k is a
+    # transposed view of rows that also hold V, copied as rows and handed over transposed-contiguous
+    # (on the CPU's oneDNN this was 10 us against 150 us for the bmm's own transposing copy).
     if not k.is_contiguous():
         k = k.transpose(-1, -2).contiguous().transpose(-1, -2)
     return torch.softmax(torch.bmm(q, k.to(q.dtype)).float() + mask, dim=-1).to(out_dtype)
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

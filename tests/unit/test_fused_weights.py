@@ -105,6 +105,51 @@ def test_paged_attention_equals_reference_over_mixed_groups() -> None:
         offset += f
 
 
+def test_low_precision_cache_is_attended_in_fp32_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches bf16 attention reaching oneDNN's bmm on the CPU (a compiled kernel per shape: a bf16
+    engine grew by ~900 MB under prompts of random lengths), or a result other than fp32 attention
+    over the same bf16 values, rounded once: two prefill groups, then a decode step."""
+    config, attn = _attention(3)
+    s = config.sliding_attention
+    window, block = config.sliding_window_size, 4
+    fused = FusedAttention.build(attn, config.rotary_dim)
+    rotary = RotaryEmbedding(config.rotary_dim, s.rope_theta)
+    heads = (s.num_kv_heads, s.num_q_per_kv, s.has_sink)
+    tables: list[list[int | None]] = [[0, 1, 2], [3, 4, 5, 6]]
+    steps = [[(0, 0, 9), (1, 0, 13)], [(0, 9, 1), (1, 13, 1)]]  # (seq, start, count)
+    inputs = []
+    for segs in steps:
+        pos = [position for _, start, count in segs for position in range(start, start + count)]
+        cos, sin = rotary(torch.tensor(pos), torch.float32)
+        x = torch.randn(len(pos), config.hidden_size)
+        q, kv_new = fused.project(x, cos.unsqueeze(1), sin.unsqueeze(1))
+        inputs.append((q.bfloat16(), kv_new.bfloat16()))
+    matmul_dtypes: set[torch.dtype] = set()
+    for name in ("bmm", "baddbmm"):
+        real = getattr(torch, name)
+
+        def spy(*args: torch.Tensor, _real: object = real) -> torch.Tensor:
+            matmul_dtypes.add(args[-1].dtype)
+            return _real(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(torch, name, spy)
+    outs = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        kv = PagedKV(1, 32, block, s.num_kv_heads, s.qk_head_dim, s.v_head_dim, dtype, torch.device("cpu"))
+        for segs, (q, kv_new) in zip(steps, inputs, strict=True):
+            segments: list[Segment] = []
+            rows = 0
+            for i, start, count in segs:
+                segments.append(Segment(rows, count, start, tables[i]))
+                rows += count
+            batch = build_batch(segments, block, window, torch.device("cpu"), kv.zero_slot, *heads)
+            outs[dtype] = paged_attention(q.to(dtype), kv_new.to(dtype), kv.kv[0], batch, fused.sink)
+        if dtype == torch.bfloat16:
+            assert matmul_dtypes == {torch.float32}
+    assert outs[torch.bfloat16].dtype == torch.bfloat16
+    assert torch.equal(outs[torch.bfloat16], outs[torch.float32].bfloat16())
+
+
 @pytest.mark.parametrize("window", [None, 8])
 def test_key_counts_are_bucketed_and_padding_is_masked_zero_slots(window: int | None) -> None:
     """Catches a GA decode step whose key count grows one by one (a new bf16 kernel shape every step),

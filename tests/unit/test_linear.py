@@ -143,3 +143,39 @@ def test_packed_row_counts_reach_onednn_in_buckets(monkeypatch: pytest.MonkeyPat
         torch.testing.assert_close(linear(x, w, packed), F.linear(x, w), rtol=1e-5, atol=1e-5)
     bucket = linear_module.PACKED_ROW_BUCKET
     assert set(seen) == set(range(bucket, linear_module.MAX_PACKED_ROWS + 1, bucket))
+
+
+def test_row_bucket_bounds_the_row_counts_and_the_padding() -> None:
+    """Catches buckets that let every row count through (one oneDNN kernel each) or that pad more
+    than a quarter: multiples of 8 up to 64, then four per power of two."""
+    buckets = {linear_module.row_bucket(rows) for rows in range(2, 4097)}
+    assert len(buckets) == 8 + 4 * 6
+    for rows in range(1, 4097):
+        bucket = linear_module.row_bucket(rows)
+        assert rows <= bucket <= max(rows + 7, rows * 1.25)
+        assert linear_module.row_bucket(bucket) == bucket
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_row_counts_reach_f_linear_in_buckets(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches a prefill chunk of a new length reaching oneDNN as a new shape (a bf16 engine grew by
+    ~900 MB under random prompt lengths): every row count of 2+ rows is padded to its bucket and
+    the result keeps only its own rows; fp32 (MKL) is left as it is."""
+    seen: list[tuple[torch.dtype, int]] = []
+    real = F.linear
+
+    def spy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        seen.append((x.dtype, x.shape[0]))
+        return real(x, w)
+
+    monkeypatch.setattr(linear_module.F, "linear", spy)
+    w = torch.randn(24, 16).to(dtype)
+    for rows in (2, 5, 63, 65, 100, 300, 700):
+        x = torch.randn(rows, 16).to(dtype)
+        y = linear(x, w)
+        assert y.shape == (rows, 24) and seen[-1] == (dtype, linear_module.row_bucket(rows))
+        torch.testing.assert_close(y.float(), real(x, w).float(), rtol=2e-2, atol=2e-2)
+    linear(torch.randn(300, 16), w.float())
+    assert seen[-1] == (torch.float32, 300)

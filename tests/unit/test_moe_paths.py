@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mimo.config import MiMoConfig
+from mimo.linear import row_bucket
 from mimo.moe import Experts, Routing
 from tests.factory import random_config_dict
 
@@ -63,13 +64,15 @@ def _reference(experts: Experts, x: torch.Tensor, routing: Routing) -> torch.Ten
 )
 @pytest.mark.parametrize("expert_ids", [None, [1, 3, 4, 8, 9, 12, 14, 15]], ids=["layer", "shard"])
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_path_equals_per_token_reference(
     num_rows: int, skew: float, expected: str, expert_ids: list[int] | None, packed: bool,
-    monkeypatch: pytest.MonkeyPatch,
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     """Catches a path that drops, duplicates or misweights a (row, expert) pair, or mixes rows, with
-    the stacked experts plain or packed (the paged forward packs them on the CPU)."""
-    experts = _experts(expert_ids)
+    the stacked experts plain or packed (the paged forward packs them on the CPU), in fp32 and in
+    bf16 (where every matmul pads its rows to a bucket)."""
+    experts = _experts(expert_ids).to(dtype)
     if packed:
         experts.pack()
         assert experts.packed is not None
@@ -82,13 +85,41 @@ def test_every_path_equals_per_token_reference(
             return _method(self, *args)  # type: ignore[operator]
 
         monkeypatch.setattr(Experts, name, spy)
-    x = torch.randn(num_rows, CONFIG.hidden_size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(num_rows, CONFIG.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
     routing = _routing(num_rows, skew, seed=num_rows)
     with torch.no_grad():
         got = experts(x, routing)
         want = _reference(experts, x, routing)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     if expert_ids is None:  # a shard's smaller expert count moves the size boundaries
         assert ran == [expected]
     else:
         assert len(ran) == 1
+
+
+@pytest.mark.parametrize(("num_rows", "skew"), [(33, 0.0), (300, 0.0), (300, 3.0), (77, 3.0)])
+def test_low_precision_expert_matmuls_see_bucketed_row_counts(
+    num_rows: int, skew: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catches per-expert row counts reaching oneDNN as they come (one kernel per count: most of the
+    ~900 MB a bf16 engine grew by under random prompt lengths): the padded and grouped prefill paths
+    run every bf16 matmul at a `row_bucket` row count."""
+    seen: list[int] = []
+    real_bmm, real_matmul = torch.bmm, torch.Tensor.__matmul__
+
+    def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append(a.shape[1])
+        return real_bmm(a, b)
+
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append(a.shape[0])
+        return real_matmul(a, b)
+
+    experts = _experts(None).to(torch.bfloat16)
+    x = torch.randn(num_rows, CONFIG.hidden_size).to(torch.bfloat16)
+    monkeypatch.setattr(torch, "bmm", bmm)
+    monkeypatch.setattr(torch.Tensor, "__matmul__", matmul)
+    with torch.no_grad():
+        experts(x, _routing(num_rows, skew, seed=num_rows))
+    assert seen and all(row_bucket(rows) == rows for rows in seen)
