@@ -92,11 +92,20 @@ def _send(handle: Any, prompt: list[int], request_id: str, salt: str | None = No
     return handle.generate.remote(prompt_token_ids=prompt, salt=salt, params=params, request_id=request_id)
 
 
+# Between two follow-ups, as a user's or agent's next turn: Serve tells a router that a request
+# ended in a callback that can run after the caller already has the result, so a next request
+# sent at once may still count the previous one as in flight (3 cached blocks here are worth less
+# than one request of load).
+THINK_S = 0.1
+
+
 def _route_follow_ups(handle: Any, salt: str | None = None) -> list[str]:
     """Each follow-up through `handle`'s router (dry run: the replica caches nothing for it)."""
-    return [
-        _send(handle, p, f"f{i}", salt, dry_run=True).result(timeout_s=30) for i, p in enumerate(FOLLOW_UPS)
-    ]
+    holders = []
+    for i, p in enumerate(FOLLOW_UPS):
+        time.sleep(THINK_S)
+        holders.append(_send(handle, p, f"f{i}", salt, dry_run=True).result(timeout_s=30))
+    return holders
 
 
 class OtherGateway:
