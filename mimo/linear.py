@@ -109,8 +109,9 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if extra == 0 else F.pad(x, (0, 0) * (x.dim() - 1) + (0, extra))
 
 
-def buckets_rows(x: torch.Tensor) -> bool:
-    """Whether matmuls of `x` must see bucketed row counts: low precision on the CPU."""
+def runs_in_onednn(x: torch.Tensor) -> bool:
+    """Low precision on the CPU: oneDNN runs matmuls of `x`, compiling a kernel per shape (module
+    docstring), so their row counts must be bucketed, or the matmul moved off oneDNN."""
     return x.device.type == "cpu" and x.dtype in _LOW_PRECISION
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimo.config import MiMoConfig
-from mimo.linear import PackedWeight, buckets_rows, linear, pad_rows, row_bucket
+from mimo.linear import PackedWeight, linear, pad_rows, row_bucket, runs_in_onednn
 
 # A single token with up to this many chosen experts takes the plain loop (decode at batch 1).
 _PAIR_LOOP_MAX = 16
@@ -192,7 +192,7 @@ class Experts(nn.Module):
         """Rows scattered into a zero-padded [E_local, capacity, H] batch: two bmm calls for all experts
         (a few ops instead of a loop over experts; `forward` bounds the padding). In low precision on
         the CPU the capacity is bucketed like `linear`'s rows (oneDNN compiles a kernel per shape)."""
-        if buckets_rows(rows):
+        if runs_in_onednn(rows):
             capacity = row_bucket(capacity)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(rows.shape[0], device=rows.device) - starts[experts_sorted]
@@ -204,7 +204,7 @@ class Experts(nn.Module):
     def _grouped(self, rows: torch.Tensor, experts_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Many pairs: one matmul pair per expert over its contiguous rows (in low precision on the
         CPU each expert's rows padded to `row_bucket`, as `linear` does, kept through both matmuls)."""
-        bucketed = buckets_rows(rows)
+        bucketed = runs_in_onednn(rows)
         pieces = []
         start = 0
         for e, count in enumerate(counts):

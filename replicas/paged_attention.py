@@ -32,6 +32,8 @@ from functools import cached_property
 
 import torch
 
+from mimo.linear import runs_in_onednn
+
 # Prefill chunks attend in query blocks (`Band`): on SWA pools blocks of max(window,
 # BANDED_MIN_QUERIES) queries, on GA pools of BANDED_GA_QUERIES, once a group has at least
 # BANDED_MIN_BLOCKS of them; decode and MTP steps attend whole (`_full`).
@@ -297,7 +299,7 @@ def paged_attention(
     group = num_q_heads // num_kv_heads
     cache.index_copy_(1, batch.write_slots, _as(kv_new.transpose(0, 1), cache.dtype))
     out = None if batch.groups[0].rows is None else q.new_empty(q.shape[0], num_q_heads * dv)
-    upcast = cache.device.type == "cpu" and cache.dtype in _LOW_PRECISION  # module docstring
+    upcast = runs_in_onednn(cache)  # attended in fp32 instead (module docstring)
     for g in batch.groups:
         b, nq = g.num_seqs, g.num_q
         qs = q if g.rows is None else q.index_select(0, g.rows)
@@ -381,9 +383,6 @@ def _softmax(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, out_dtype: to
     if not k.is_contiguous():
         k = k.transpose(-1, -2).contiguous().transpose(-1, -2)
     return torch.softmax(torch.bmm(q, k.to(q.dtype)).float() + mask, dim=-1).to(out_dtype)
-
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
