@@ -17,6 +17,7 @@ of 0.7). Writes benchmarks/results/expert_dispatch.json with the load average.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import multiprocessing as mp
 import os
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] = "1"
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once when torch loads OpenMP
 
@@ -196,7 +196,11 @@ def main() -> None:
     }
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    from cluster.ray_auth import new_cluster_token
+
+    token = new_cluster_token()  # token auth on, as `mimo serve` runs it
+    atexit.register(token.remove)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         for shards in args.shards:
             rows[shards]["ray"] = run_transport(

@@ -58,7 +58,6 @@ from typing import Any
 
 for key, value in {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind Ray to loopback (see tests/conftest.py)
-    "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
 }.items():
@@ -81,6 +80,7 @@ from benchmarks.routing_trace import (  # noqa: E402
     summarize,
 )
 from cluster.local_server import free_port  # noqa: E402
+from cluster.ray_auth import new_cluster_token  # noqa: E402
 from cluster.spec import ClusterSpec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "routing.json"
@@ -264,7 +264,9 @@ def run_serve_policies(
 
     out: dict[str, Any] = {}
     port = free_port()
-    # address="local": always a private cluster, never one another program started on this host
+    # address="local": always a private cluster, never one another program started on this host;
+    # token auth on, as `mimo serve` runs it
+    token = new_cluster_token()
     ray.init(address="local", num_cpus=args.replicas + 4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
@@ -286,6 +288,7 @@ def run_serve_policies(
     finally:
         serve.shutdown()
         ray.shutdown()
+        token.remove()
     return {name: row | {"harness": "serve"} for name, row in out.items()}
 
 

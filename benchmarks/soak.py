@@ -10,6 +10,7 @@ checks KV usage returns to zero and attention-replica memory stays flat, and wri
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
@@ -140,8 +141,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "soak.json")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from cluster.ray_auth import new_cluster_token
+
+    atexit.register(new_cluster_token().remove)  # token auth on, as `mimo serve` runs it
     import ray
     from ray import serve
 

@@ -126,6 +126,7 @@ def _router_config(spec: ClusterSpec) -> RequestRouterConfig:
         kv_weight=r.kv_weight,
         stale_after_s=r.stale_after_s,
         guess_ttl_s=r.guess_ttl_s,
+        max_routing_wait_s=r.max_routing_wait_s,
         metrics_factory="cluster.metrics_ray:ray_metrics",  # the router loads it in its own process
         # several gateways (each with its own router) share their guesses; one has nobody to tell
         route_board=f"{APP_NAME}-route-board" if spec.gateway.num_replicas > 1 and not direct else "",

@@ -5,6 +5,7 @@ runs and fast API tests) and through Serve (`ServeEngineClient`, the cluster). B
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -94,6 +95,18 @@ class InProcessEngineClient(EngineClient):
         return self.engine.is_alive()
 
 
+def _own_request_context(request_id: str) -> contextvars.Context:
+    """A copy of this task's context in which Serve's request context carries `request_id` as its
+    internal id. Serve's router keys pending requests by that id, which a handle call otherwise
+    inherits from the HTTP request: the n sub-requests of one API call shared it, and Serve's
+    routing loop, matching each chosen replica to the first of them, spun forever."""
+    from ray.serve import context as serve_context
+
+    copied = contextvars.copy_context()
+    copied.run(serve_context._set_request_context, _internal_request_id=request_id)
+    return copied
+
+
 class ServeEngineClient(EngineClient):
     """Calls the Attention deployment's `generate` (a streaming method yielding chunk dicts; a
     refusal is a first item `{"error": {...}}`). A replica that dies mid-request ends the request
@@ -108,8 +121,14 @@ class ServeEngineClient(EngineClient):
     ) -> AsyncIterator[GenerationChunk]:
         from ray.serve.exceptions import BackPressureError
 
-        response = self.handle.generate.remote(
-            prompt_token_ids=prompt_token_ids, salt=salt, params=params, request_id=request_id
+        from router.serve_adapter import RoutingTimeout
+
+        response = _own_request_context(request_id).run(
+            self.handle.generate.remote,
+            prompt_token_ids=prompt_token_ids,
+            salt=salt,
+            params=params,
+            request_id=request_id,
         )
         finished = False
         try:
@@ -119,7 +138,7 @@ class ServeEngineClient(EngineClient):
                 chunk = GenerationChunk.from_dict(item)
                 finished = chunk.finish_reason is not None
                 yield chunk
-        except BackPressureError:
+        except (BackPressureError, RoutingTimeout):
             raise EngineError(
                 503, "every attention replica is at capacity; retry shortly", None, 1.0
             ) from None

@@ -78,6 +78,9 @@ def rayservice(spec: ClusterSpec) -> Obj:
         workers.append(_worker_group(spec, "expert", k.expert_cpu, k.expert_memory, k.expert_gpus, (n, n, n)))
     cluster: Obj = {
         "rayVersion": RAY_VERSION,
+        # Ray's token auth (KubeRay >= 1.5.1): the operator makes a Secret with a random token and
+        # hands it to every Ray container (RAY_AUTH_MODE, RAY_AUTH_TOKEN) and to its own calls
+        "authOptions": {"mode": "token"},
         "enableInTreeAutoscaling": spec.autoscaling.enabled,
     }
     if spec.autoscaling.enabled:
@@ -243,9 +246,17 @@ def _gateway_service(spec: ClusterSpec) -> Obj:
 
 def _network_policy(spec: ClusterSpec) -> Obj:
     """Ray's ports only between the deployment's own pods; the gateway port from anywhere; the
-    metrics port from Prometheus and the dashboard from the KubeRay operator, in any namespace."""
-    any_ns: Obj = {"namespaceSelector": {}}
-    obj = _meta_obj("networking.k8s.io/v1", "NetworkPolicy", "mimo-serve", spec.kubernetes.namespace)
+    metrics port from Prometheus and the dashboard from the KubeRay operator, each only from its
+    own namespace (a peer names both selectors, so a pod elsewhere cannot get in by its label)."""
+    k = spec.kubernetes
+
+    def peer(namespace: str, name: str) -> Obj:
+        return {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": name}},
+        }
+
+    obj = _meta_obj("networking.k8s.io/v1", "NetworkPolicy", "mimo-serve", k.namespace)
     obj["spec"] = {
         "podSelector": {"matchLabels": dict(APP_LABEL)},
         "policyTypes": ["Ingress"],
@@ -253,13 +264,11 @@ def _network_policy(spec: ClusterSpec) -> Obj:
             {"from": [{"podSelector": {"matchLabels": dict(APP_LABEL)}}]},
             {"ports": [{"protocol": "TCP", "port": spec.gateway.port}]},
             {
-                "from": [any_ns | {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+                "from": [peer(k.prometheus_namespace, "prometheus")],
                 "ports": [{"protocol": "TCP", "port": spec.observability.metrics_port}],
             },
             {
-                "from": [
-                    any_ns | {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
-                ],
+                "from": [peer(k.operator_namespace, "kuberay-operator")],
                 "ports": [
                     {"protocol": "TCP", "port": DASHBOARD_PORT},
                     {"protocol": "TCP", "port": DASHBOARD_AGENT_PORT},

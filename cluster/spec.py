@@ -127,6 +127,10 @@ class RouterSpec(_Spec):
         "replica's events confirm it (0: only the replicas' events count)",
     )
 
+    max_routing_wait_s: float = Field(
+        30.0, gt=0, description="a request no attention replica has room for within this long gets 503"
+    )
+
 
 class GatewaySpec(_Spec):
     host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
@@ -188,6 +192,12 @@ class KubernetesSpec(_Spec):
     expert_gpus: int = Field(0, ge=0, description="GPUs per expert pod")
     gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="node labels for GPU pods")
     api_key_secret: str = Field("mimo-api-keys", description="Secret holding the API keys file")
+    operator_namespace: str = Field(
+        "kuberay-system", description="namespace of the KubeRay operator (the only one let to the dashboard)"
+    )
+    prometheus_namespace: str = Field(
+        "monitoring", description="namespace of Prometheus (the only one let to the metrics port)"
+    )
 
 
 class ClusterSpec(_Spec):

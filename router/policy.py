@@ -39,6 +39,8 @@ class RouterConfig:
     max_hashed_blocks: int = 8192  # longest prefix considered (hashing cost is per block)
     hash_chunk_blocks: int = 128  # blocks hashed between event-loop yields
     seed: int = 0  # power-of-two sampling
+    # a request no replica takes within this long (every replica full) fails with RoutingTimeout
+    max_routing_wait_s: float = 30.0
     load_source: LoadSource = "handle"
     # name of the `router.route_board.RouteBoard` actor through which the routers of several gateway
     # replicas share their guesses; "" keeps guesses local (one gateway)
@@ -57,6 +59,8 @@ class RouterConfig:
         for name in ("block_size", "max_hashed_blocks", "hash_chunk_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RouterConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_routing_wait_s <= 0:
+            raise ValueError(f"RouterConfig.max_routing_wait_s must be > 0, got {self.max_routing_wait_s}")
         for name in ("prefix_weight", "load_weight", "kv_weight", "guess_ttl_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RouterConfig.{name} must be >= 0, got {getattr(self, name)}")

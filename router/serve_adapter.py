@@ -5,6 +5,10 @@ Each candidate's latest `routing_stats` (a `router.report` dict) is applied to a
 kwargs are hashed like the engine does, replicas are scored by `router.policy`, and the ranking is
 returned one replica per rank, so Serve takes the best one that still has room. Not FIFO: Serve's
 default matching hands the chosen replica to this exact request, which is what prefix affinity needs.
+
+Serve asks again while no ranked replica has room; each request is marked for Serve's exponential
+backoff between those asks (a custom router otherwise gets them back to back, a core spinning), and
+one still unplaced after `max_routing_wait_s` fails with `RoutingTimeout` (the API answers 503).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ from router.replica_loads import ReplicaLoads
 from router.route_board import BoardClient
 
 MAX_TRACKED_REQUESTS = 65536  # routed requests remembered for in-flight counts (oldest dropped)
+
+
+class RoutingTimeout(RuntimeError):
+    """No replica had room for the request within `RouterConfig.max_routing_wait_s`."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,7 @@ class PrefixAwareRequestRouter(RequestRouter):
         self._round_robin = RoundRobin()
         self._power_of_two = PowerOfTwo(config.seed)
         self._routed: OrderedDict[str, _Routed] = OrderedDict()  # internal request id -> where
+        self._first_asked: dict[str, float] = {}  # internal request id -> monotonic time, until placed
         self._loads = ReplicaLoads(config.load_source, config.stale_after_s)
         self.decisions: deque[DecisionRecord] = deque(maxlen=1024)
         self.num_decisions: Counter[str] = Counter()  # reason -> decisions
@@ -148,6 +157,10 @@ class PrefixAwareRequestRouter(RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:
+            pending_request.routing_context.should_backoff = True
+            if self._gave_up(pending_request):  # Serve checks the future once it has candidates
+                return [list(candidate_replicas)]
         self._apply_reports(candidate_replicas)  # no-op unless a report is new
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         token_ids, salt = _prompt_of(pending_request)
@@ -197,6 +210,25 @@ class PrefixAwareRequestRouter(RequestRouter):
             self._loads.completed(routed.replica_id, routed.routed_at, time.time())
 
     # --- internals -------------------------------------------------------------------------------
+
+    def _gave_up(self, pending_request: PendingRequest) -> bool:
+        """Fails the request's future with RoutingTimeout once it has been asked about for longer
+        than `max_routing_wait_s`; Serve then stops routing it (it checks the future after every ask)."""
+        request_id = pending_request.metadata.internal_request_id
+        future = pending_request.future
+        now = time.monotonic()
+        first = self._first_asked.get(request_id)
+        if first is None:
+            self._first_asked[request_id] = now
+            future.add_done_callback(lambda _: self._first_asked.pop(request_id, None))
+        elif now - first > self.config.max_routing_wait_s and not future.done():
+            future.set_exception(
+                RoutingTimeout(
+                    f"no attention replica had room for the request within {self.config.max_routing_wait_s} s"
+                )
+            )
+            return True
+        return future.done()
 
     def _apply_reports(self, replicas: Sequence[RunningReplica]) -> None:
         now = time.monotonic()

@@ -272,3 +272,34 @@ def test_gateway_routers_share_guesses_through_the_route_board(ray_cluster: obje
             _wait_for_new_board("test-route-board", killed._actor_id, timeout_s=30.0 + RETRY_S)
     finally:
         serve.shutdown()
+
+
+def test_a_request_no_replica_has_room_for_fails_after_the_bounded_wait(ray_cluster: object) -> None:
+    """Catches a routing loop that waits forever, or spins a core, while every replica is full: the
+    one replica's one slot is held for 8 s, and the next request must fail with RoutingTimeout
+    after the 1 s bound, while the first is still running."""
+    from router.serve_adapter import RoutingTimeout, make_request_router_config
+
+    config = RouterConfig(block_size=B, max_routing_wait_s=1.0)
+    serve.start(proxy_location="Disabled")
+    try:
+        handle = serve.run(
+            PrefixRecorder.options(
+                name="OneSlot",
+                num_replicas=1,
+                max_ongoing_requests=1,
+                request_router_config=make_request_router_config(config, STATS_PERIOD_S),
+            ).bind(),
+            name="one_slot_test",
+            route_prefix=None,
+        )
+        _send(handle, PROMPTS[0], "warm-up", dry_run=True).result(timeout_s=30)
+        busy = _send(handle, PROMPTS[0], "busy", sleep_s=8.0, dry_run=True)
+        time.sleep(0.5)  # the busy request holds the slot
+        with pytest.raises(RoutingTimeout, match=r"within 1\.0 s"):
+            _send(handle, PROMPTS[1], "blocked", dry_run=True).result(timeout_s=30)
+        with pytest.raises(TimeoutError):
+            busy.result(timeout_s=0.01)  # still running: the refusal did not wait for the slot
+        assert busy.result(timeout_s=30)
+    finally:
+        serve.shutdown()

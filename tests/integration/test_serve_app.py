@@ -132,6 +132,42 @@ def test_streaming_and_ready(client: openai.OpenAI, app_url: str) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_n_choices_and_multi_prompt_completions_answer(client: openai.OpenAI, n: int) -> None:
+    """Catches n > 1 and multi-prompt completions hanging forever: their sub-requests shared the
+    HTTP request's internal id, which Serve's router keys pending requests by, so it matched every
+    chosen replica to the first of them and spun. Seeds give reproducible, distinct choices."""
+    messages = [{"role": "user", "content": "Name a city."}]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, n=n, max_tokens=6, seed=7, temperature=1.0, timeout=60
+    )
+    assert [c.index for c in chat.choices] == list(range(n))
+    assert all(c.finish_reason in ("stop", "length") for c in chat.choices)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, n=n, max_tokens=6, seed=7, temperature=1.0, stream=True, timeout=60
+    )
+    streamed = [""] * n
+    for event in stream:
+        for choice in event.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert streamed == [c.message.content for c in chat.choices]  # same seeds, same text
+
+    prompts = ["The capital of", "def add(a, b):", "import os"][:n]
+    plain = client.completions.create(
+        model=MODEL, prompt=prompts, n=2, max_tokens=5, temperature=0, timeout=60
+    )
+    assert [c.index for c in plain.choices] == list(range(2 * n))
+    assert plain.usage is not None and plain.usage.completion_tokens == 2 * n * 5
+    texts = [""] * (2 * n)
+    for event in client.completions.create(
+        model=MODEL, prompt=prompts, n=2, max_tokens=5, temperature=0, stream=True, timeout=60
+    ):
+        for choice in event.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in plain.choices]
+    assert texts[0] == texts[1] != texts[2] == texts[3]  # greedy: both choices of a prompt agree
+
+
 def test_repeated_prefix_is_routed_to_its_cache(client: openai.OpenAI) -> None:
     """Catches a router that spreads a shared prefix over replicas (cache misses) instead of following it."""
     system = "You are a careful assistant for the Python standard library. " * 12

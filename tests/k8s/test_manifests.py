@@ -239,6 +239,27 @@ def test_spec_values_reach_the_objects() -> None:
     assert policy_ports == [9000, 9100, 8265, 52365]
 
 
+def test_ray_token_auth_on_and_network_policy_peers_pinned_to_their_namespace() -> None:
+    """Catches a cluster whose Ray ports (Serve replicas listen on every interface) run without
+    token auth, and a NetworkPolicy peer that a pod in any namespace can match by choosing its own
+    label (a namespaceSelector of {} or one without a podSelector)."""
+    spec = ClusterSpec.from_dict(
+        {"kubernetes": {"operator_namespace": "ray-ops", "prometheus_namespace": "obs"}}
+    )
+    objs = render_manifests(spec)
+    cluster = _by_kind(objs, "RayService")[0]["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    for group in _groups(_by_kind(objs, "RayService")[0]).values():
+        env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env.get("RAY_AUTH_MODE") in (None, "token")  # the operator sets it; never "disabled"
+    rules = _by_kind(objs, "NetworkPolicy")[0]["spec"]["ingress"]
+    outside = [peer for rule in rules for peer in rule.get("from", []) if "namespaceSelector" in peer]
+    assert [(p["namespaceSelector"]["matchLabels"], p["podSelector"]["matchLabels"]) for p in outside] == [
+        ({"kubernetes.io/metadata.name": "obs"}, {"app.kubernetes.io/name": "prometheus"}),
+        ({"kubernetes.io/metadata.name": "ray-ops"}, {"app.kubernetes.io/name": "kuberay-operator"}),
+    ]
+
+
 def test_serve_config_v2_is_the_serve_config_of_the_pod_spec() -> None:
     """Catches the RayService running a different application config than `mimo serve
     --print-config` would, or a proxy bound to loopback / keys not read from the Secret."""
