@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP API: `build_app(client, tokenizer, config)` -> a FastAPI app.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (the process
-is up), GET /ready (every replica and shard can serve). Auth, body-size, pending-request and rate
-limits are checked before any engine work; metrics are not served here (they go to the node's
-Ray metrics port, never the public one).
+is up), GET /ready (the cluster can serve). The key and the body size are checked before the body
+is parsed (`gateway.middleware`), pending-request and rate limits before any engine work; metrics
+are not served here (they go to the node's Ray metrics port, never the public one).
 """
 
 from __future__ import annotations
@@ -14,47 +14,18 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.auth import KeyStore, Tenant
 from gateway.config import GatewayConfig
 from gateway.engine_client import EngineClient, EngineError
 from gateway.errors import APIError, install_error_handlers
+from gateway.middleware import BearerAuth, BodyLimit
 from gateway.openai_chat import chat_completion
 from gateway.openai_completions import completion
 from gateway.rate_limit import Limits, LocalLimits
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from mimo.tokenizer import Tokenizer
 from observability.recorder import Metrics, PrometheusBackend
-
-
-class BodyLimit:
-    """ASGI middleware: a body over `max_bytes` gets 413 before it is read into memory."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = APIError(413, f"request body exceeds {self.max_bytes} bytes", None, "body_too_large")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await too_big.response()(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Any:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise too_big
-            return message
-
-        await self.app(scope, counted, send)
 
 
 class Gateway:
@@ -72,17 +43,8 @@ class Gateway:
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.config = config
-        self.keys = KeyStore.from_file(config.api_keys_file) if config.api_keys_file else KeyStore([])
         self.limits = limits
         self.num_pending = 0
-
-    def authenticate(self, request: Request) -> Tenant:
-        tenant = self.keys.authenticate(request.headers.get("authorization"))
-        if tenant is None:
-            raise APIError(
-                401, "missing or invalid API key (Authorization: Bearer KEY)", None, "invalid_api_key"
-            )
-        return tenant
 
     def check_model(self, model: str) -> None:
         if model != self.config.served_model_name:
@@ -118,6 +80,10 @@ def build_app(
     state = Gateway(client, tokenizer, config, metrics or Metrics(PrometheusBackend()), limits)
     app.state.gateway = state
     install_error_handlers(app)
+    keys = KeyStore.from_file(config.api_keys_file) if config.api_keys_file else KeyStore([])
+    # the last added runs first: count every request, then the key, then the body size
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BearerAuth, keys=keys)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
@@ -126,10 +92,8 @@ def build_app(
         state.metrics.http_request(getattr(route, "path", "unmatched"), response.status_code)
         return response
 
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-
     async def run(request: Request, handler: Any, body: Any) -> Response:
-        tenant = state.authenticate(request)
+        tenant: Tenant = request.state.tenant
         state.check_model(body.model)
         if state.num_pending >= config.max_pending_requests:
             raise APIError(503, "the gateway is at capacity; retry shortly", None, "overloaded", 1.0)
@@ -156,8 +120,7 @@ def build_app(
         return await run(request, completion, body)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        state.authenticate(request)
+    async def models() -> dict[str, Any]:
         card = {
             "id": config.served_model_name,
             "object": "model",
@@ -200,6 +163,7 @@ _ERRORS = {
     "400": "invalid request (param names the field)",
     "401": "missing or invalid API key",
     "413": "body too large",
+    "500": "internal error (a bug: please report it)",
     "429": "rate limited (Retry-After)",
     "503": "overloaded or not ready (Retry-After)",
 }

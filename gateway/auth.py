@@ -25,9 +25,13 @@ def _digest(key: str) -> bytes:
 
 
 def _bearer_digest(authorization: str | None) -> bytes | None:
-    if not authorization or not authorization.startswith("Bearer "):
+    """The digest of the key in an `Authorization: Bearer KEY` header (the scheme in any case, as
+    HTTP auth schemes are case-insensitive), or None."""
+    scheme, _, key = (authorization or "").strip().partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
         return None
-    return _digest(authorization[len("Bearer ") :].strip())
+    return _digest(key)
 
 
 def _tenant_id(digest: bytes) -> str:

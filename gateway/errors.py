@@ -1,13 +1,16 @@
 """OpenAI-style errors: one exception type for every refusal, rendered as OpenAI's error object.
 
 `{"error": {"message", "type", "param", "code"}}` with the right HTTP status; 429 and 503 carry a
-Retry-After header so clients back off instead of timing out. FastAPI's own validation errors are
-mapped here too, naming the parameter at fault.
+Retry-After header so clients back off instead of timing out, 401 a `WWW-Authenticate: Bearer`.
+FastAPI's own validation errors are mapped here too, naming the parameter at fault in OpenAI's
+dotted form (`messages[0].content`), and any unexpected exception is a JSON 500, never plain text.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,6 +26,7 @@ _TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -46,6 +50,8 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
+        if self.status == 401:
+            return {"WWW-Authenticate": 'Bearer realm="mimo-serve"'}
         if self.retry_after_s is None:
             return {}
         return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
@@ -54,13 +60,44 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
 
 
-def _param_of(loc: tuple[Any, ...]) -> str | None:
-    # ("body", "messages", 0, "role") -> "messages[0].role"; the leading "body" is FastAPI's
-    parts = [p for p in loc if p not in ("body", "query", "header")]
-    out = ""
-    for part in parts:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+def _param_of(loc: tuple[Any, ...], body: Any, is_missing: bool) -> str | None:
+    """The parameter an error's location names, in OpenAI's form: ("body", "messages", 0,
+    "content", "str") -> "messages[0].content". Pydantic puts the union member it tried ("str",
+    "list[str]", "literal[...]", a model's name) into the location; those parts are no keys of the
+    request, so each part is kept only where it indexes the body (a missing field: the last part)."""
+    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
+    out, node = "", body
+    for i, part in enumerate(parts):
+        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
+            out, node = f"{out}[{part}]", node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            out, node = f"{out}.{part}" if out else part, node[part]
+        elif is_missing and i == len(parts) - 1 and isinstance(part, str):
+            out = f"{out}.{part}" if out else part
     return out or None
+
+
+def _first_error(errors: list[Any], body: Any) -> tuple[str | None, str]:
+    """(param, message) of the first field at fault, at its most specific: a union reports one
+    error per member it tried, and the one reaching deepest into the request says what is wrong
+    (an unsupported content part rather than "content is not a string"); at equal depth, a value
+    refused by a member whose type matched beats a type mismatch (`["ok", "\\udfff"]` is a list of
+    strings with a bad string, not a list of integers)."""
+    found = [(_param_of(tuple(e.get("loc", ())), body, e.get("type") == "missing"), e) for e in errors]
+    if not found:
+        return None, "invalid request"
+    root = re.split(r"[.\[]", found[0][0] or "", maxsplit=1)[0]
+    best: tuple[tuple[int, bool], str | None, str] | None = None
+    for param, error in found:
+        if (re.split(r"[.\[]", param or "", maxsplit=1)[0]) != root:
+            continue
+        depth = 0 if param is None else param.count(".") + param.count("[") + 1
+        rank = (depth, not str(error.get("type", "")).endswith("_type"))
+        if best is None or rank > best[0]:
+            message = str(error.get("msg", "invalid request")).removeprefix("Value error, ")
+            best = (rank, param, message)
+    assert best is not None  # the first error's own root always matches
+    return best[1], best[2]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -70,17 +107,21 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = tuple(first.get("loc", ()))
-        message = str(first.get("msg", "invalid request"))
-        if first.get("type") == "json_invalid":
+        errors = list(exc.errors())
+        if errors and errors[0].get("type") == "json_invalid":
+            message = str(errors[0].get("msg", "invalid JSON"))
             return APIError(
                 400, f"request body is not valid JSON: {message}", None, "invalid_json"
             ).response()
-        param = _param_of(loc)
+        param, message = _first_error(errors, exc.body)
         text = f"{param}: {message}" if param else message
         return APIError(400, text, param, "invalid_parameter").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return APIError(exc.status_code, str(exc.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error answering %s %s", request.method, request.url.path)
+        return APIError(500, f"internal error ({type(exc).__name__})", None, "internal_error").response()

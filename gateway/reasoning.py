@@ -31,6 +31,7 @@ class ReasoningStream:
     def __init__(self, enabled: bool) -> None:
         self._state = "start" if enabled else "content"
         self._buffer = ""
+        self._reasoning_started = False
         self._content_started = False
 
     def push(self, text: str) -> Split:
@@ -40,12 +41,15 @@ class ReasoningStream:
             stripped = self._buffer.lstrip()
             if stripped.startswith(OPEN):
                 self._state = "reasoning"
-                self._buffer = stripped[len(OPEN) :].lstrip("\n")
+                self._buffer = stripped[len(OPEN) :]
             elif OPEN.startswith(stripped):
                 return Split()  # might still become <think>
             else:
                 self._state = "content"
         if self._state == "reasoning":
+            if not self._reasoning_started:  # the newline after <think> may come in a later chunk
+                self._buffer = self._buffer.lstrip("\n")
+                self._reasoning_started = bool(self._buffer)
             index = self._buffer.find(CLOSE)
             if index >= 0:
                 reasoning = self._buffer[:index].rstrip()

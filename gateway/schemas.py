@@ -1,73 +1,150 @@
 """Request bodies of the OpenAI API as this gateway accepts them (pydantic; they also make the
 OpenAPI schema). Ranges are OpenAI's; vLLM's extras (top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, stop_token_ids, chat_template_kwargs) are accepted too. Unknown top-level fields are
-ignored, as OpenAI clients send fields we do not use (metadata, store, user)."""
+ignored, as OpenAI clients send fields we do not use (metadata, store, user).
+
+Types are strict, as OpenAI's schema is: `max_tokens: true` or `stream: "yes"` is a 400, never
+coerced (an integer is still a valid number). Every string must be valid Unicode (a lone UTF-16
+surrogate, which JSON's `\\ud800` escape can carry, cannot be tokenized); tool `parameters` must be a
+JSON Schema; content parts are text only.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import jsonschema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 16
 
 
-class StreamOptions(BaseModel):
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (it holds a lone UTF-16 surrogate)") from None
+    return text
+
+
+def _valid_unicode_tree(value: Any) -> Any:
+    """Every string (keys too) in a JSON value is valid Unicode."""
+    if isinstance(value, str):
+        _valid_unicode(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _valid_unicode(key)
+            _valid_unicode_tree(item)
+    elif isinstance(value, list):
+        for item in value:
+            _valid_unicode_tree(item)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+class _Strict(BaseModel):
+    # nested objects ignore fields they do not know, as OpenAI-compatible servers do for clients
+    # newer than the schema; every known field is strictly typed
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str = "{}"
+class FunctionCall(_Strict):
+    name: Text
+    arguments: Text = "{}"
 
 
-class ToolCallIn(BaseModel):
-    id: str | None = None
+class ToolCallIn(_Strict):
+    id: Text | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
+class TextPart(_Strict):
+    """A content part; only `text` parts are supported (this model reads no images or audio)."""
+
+    type: Text
+    text: Text | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"content part type {value!r} is not supported; only 'text' parts are")
+        return value
+
+    @field_validator("text")
+    @classmethod
+    def _present(cls, value: str | None) -> str | None:
+        if value is None:
+            raise ValueError("a text part needs its text")
+        return value
+
+
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # assistant messages echoed back by clients carry fields we do not use (refusal, annotations)
+    model_config = ConfigDict(strict=True, extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    reasoning_content: str | None = None
+    content: Text | list[TextPart] | None = None
+    reasoning_content: Text | None = None
     tool_calls: list[ToolCallIn] | None = None
-    tool_call_id: str | None = None
-    name: str | None = None
+    tool_call_id: Text | None = None
+    name: Text | None = None
 
 
-class FunctionDef(BaseModel):
+class FunctionDef(_Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
-    description: str | None = None
+    description: Text | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _json_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _valid_unicode_tree(value)
+        validator = jsonschema.validators.validator_for(value, default=jsonschema.Draft202012Validator)
+        try:
+            validator.check_schema(value)
+        except jsonschema.SchemaError as e:
+            where = "/".join(str(p) for p in e.path)
+            raise ValueError(
+                f"not a JSON Schema: {e.message}" + (f" (at {where})" if where else "")
+            ) from None
+        if value.get("type", "object") != "object":
+            raise ValueError("a function's parameters must be a JSON Schema of type 'object'")
+        return value
 
 
-class Tool(BaseModel):
+class Tool(_Strict):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class NamedFunction(BaseModel):
-    name: str
+class NamedFunction(_Strict):
+    name: Text
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(_Strict):
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class ChatTemplateKwargs(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatTemplateKwargs(_Strict):
+    model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt switch must not pass silently
 
     enable_thinking: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="ignore")
 
-    model: str
+    model: Text
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -79,11 +156,12 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=2.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] | None = None
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -117,11 +195,11 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Text | list[int] | list[Text] | list[list[int]]
     max_tokens: int = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
     @field_validator("suffix")
     @classmethod

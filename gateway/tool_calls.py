@@ -2,8 +2,9 @@
 
 The model writes `<tool_call>`, `<function=NAME>`, one `<parameter=P>\\nVALUE\\n</parameter>` per
 argument, `</function>`, `</tool_call>`, one per line. Values are plain text, typed here by the tool's
-JSON schema (as SGLang's "mimo" and vLLM's "qwen3_xml" parsers do). Malformed blocks stay in the
-content: the parser never raises.
+JSON schema (as SGLang's "mimo" and vLLM's "qwen3_xml" parsers do). Malformed blocks, and calls to
+a function the request's tools do not define, stay in the content: the parser never raises, and a
+client never gets a call it cannot dispatch.
 """
 
 from __future__ import annotations
@@ -103,11 +104,17 @@ def _typed_value(raw: str, types: list[str]) -> Any:
     return value
 
 
-def _parse_block(body: str, tools: Sequence[Mapping[str, Any]]) -> ToolCall | None:
+def _tool_names(tools: Sequence[Mapping[str, Any]]) -> set[str]:
+    return {str(tool.get("function", tool).get("name")) for tool in tools}
+
+
+def _parse_block(body: str, tools: Sequence[Mapping[str, Any]], known: set[str] | None) -> ToolCall | None:
     function = _FUNCTION_RE.fullmatch(body)
     if function is None:
         return None
     name, params_text = function.group(1).strip(), function.group(2)
+    if known is not None and name not in known:
+        return None
     arguments: dict[str, Any] = {}
     end = 0
     for param in _PARAMETER_RE.finditer(params_text):
@@ -122,13 +129,15 @@ def _parse_block(body: str, tools: Sequence[Mapping[str, Any]]) -> ToolCall | No
 
 
 def parse_tool_calls(text: str, tools: Sequence[Mapping[str, Any]] | None = None) -> ParsedToolCalls:
-    """Splits `text` into content and tool calls; arguments are typed by `tools` (OpenAI tool schemas)."""
+    """Splits `text` into content and tool calls; arguments are typed by `tools` (OpenAI tool
+    schemas), and when `tools` is given only its functions count as calls (None: any name)."""
+    known = None if tools is None else _tool_names(tools)
     tools = tools or []
     calls: list[ToolCall] = []
     content_parts: list[str] = []
     end = 0
     for block in _BLOCK_RE.finditer(text):
-        call = _parse_block(block.group(1), tools)
+        call = _parse_block(block.group(1), tools, known)
         if call is None:
             continue  # malformed: stays in the content
         content_parts.append(text[end : block.start()])

@@ -93,16 +93,21 @@ def test_several_calls_with_content_before_them() -> None:
     )
 
 
-def test_unknown_function_still_parses_with_string_values() -> None:
-    """Catches calls to tools missing from the request being dropped silently (the client must see them)."""
-    parsed = parse_tool_calls(block("launch", count="5"), TOOLS)
-    assert parsed.calls == [ToolCall("launch", '{"count": "5"}')]
-    assert parse_tool_calls(block("launch", count="5"), None).calls == [ToolCall("launch", '{"count": "5"}')]
+def test_a_call_to_an_undefined_function_stays_content() -> None:
+    """Catches a `tool_calls` entry naming a function the request did not define (a client cannot
+    dispatch it); the text is kept as content, never dropped. Without tools (None) any name parses."""
+    text = block("launch", count="5")
+    assert parse_tool_calls(text, TOOLS) == ParsedToolCalls(text, [])
+    mixed = parse_tool_calls(text + "\n" + block("get_weather", city="Oslo"), TOOLS)
+    assert mixed.calls == [ToolCall("get_weather", '{"city": "Oslo"}')]
+    assert mixed.content == text
+    assert parse_tool_calls(text, None).calls == [ToolCall("launch", '{"count": "5"}')]
 
 
 def test_call_without_parameters() -> None:
     """Catches a function with no parameters being treated as malformed."""
-    parsed = parse_tool_calls("<tool_call>\n<function=now>\n</function>\n</tool_call>", TOOLS)
+    now = {"type": "function", "function": {"name": "now"}}
+    parsed = parse_tool_calls("<tool_call>\n<function=now>\n</function>\n</tool_call>", [*TOOLS, now])
     assert parsed == ParsedToolCalls("", [ToolCall("now", "{}")])
 
 
