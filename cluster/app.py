@@ -32,13 +32,25 @@ RUNTIME_ENV = {"env_vars": {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "OMP_WAIT
 
 
 def check_engine_fits(spec: ClusterSpec) -> None:
-    """Raises SpecError naming `engine.kv_cache_mib` when the KV budget cannot hold one sequence of
-    the context, before anything is deployed (a replica would otherwise fail to start, forever)."""
-    from mimo.config import MiMoConfig
-    from replicas.engine_config import build_layout
+    """Raises SpecError before anything is deployed (a replica would otherwise fail to start, forever):
+    naming `engine.num_mtp_drafts` when the checkpoint has fewer MTP blocks than drafts (none when it
+    was saved without MTP tensors, e.g. by transformers), and `engine.kv_cache_mib` when the KV budget
+    cannot hold one sequence of the context. Reads config.json and, for drafts, the safetensors index."""
+    from mimo.checkpoint import CheckpointError
+    from mimo.config import ConfigError, MiMoConfig
+    from mimo.weights import checkpoint_config
+    from replicas.engine_config import build_layout, mtp_shortfall
 
+    path, drafts = spec.model.path, spec.engine.num_mtp_drafts
+    try:  # whether MTP blocks exist is in the safetensors index; without drafts config.json suffices
+        model = checkpoint_config(path) if drafts else MiMoConfig.from_file(f"{path}/config.json")
+    except (ConfigError, CheckpointError) as e:
+        raise SpecError("model.path", str(e)) from None
+    shortfall = mtp_shortfall(drafts, model, path)
+    if shortfall is not None:
+        raise SpecError("engine.num_mtp_drafts", f"{drafts} drafts per step but {shortfall}")
     try:
-        build_layout(MiMoConfig.from_file(f"{spec.model.path}/config.json"), engine_config(spec))
+        build_layout(model, engine_config(spec))
     except ValueError as e:
         raise SpecError(
             "engine.kv_cache_mib", f"{e} (raise kv_cache_mib or lower engine.max_model_len)"
@@ -49,6 +61,22 @@ def required_cpus(spec: ClusterSpec) -> float:
     """Logical CPUs the application reserves (a private local cluster is started with at least this)."""
     num_shards = spec.experts.num_shards if spec.experts.transport == "ray" else 0
     return spec.attention.max_replicas * spec.attention.num_cpus + num_shards * spec.experts.num_cpus
+
+
+def fit_to_machine(spec: ClusterSpec, num_cpus: float) -> ClusterSpec:
+    """The spec with `attention.max_replicas`, when the spec leaves it at its default, lowered to
+    what `num_cpus` real CPUs hold beside the expert shards (never below `num_replicas`): the
+    default ceiling of 4 replicas would otherwise put 4 engines and 2 shards on a 2-core laptop.
+    A ceiling set in the spec is kept as written."""
+    a = spec.attention
+    if "max_replicas" in a.model_fields_set or a.num_cpus <= 0:
+        return spec
+    num_shards = spec.experts.num_shards if spec.experts.transport == "ray" else 0
+    room = num_cpus - num_shards * spec.experts.num_cpus
+    fits = max(a.num_replicas, int(room // a.num_cpus))
+    if fits >= a.max_replicas:
+        return spec
+    return spec.model_copy(update={"attention": a.model_copy(update={"max_replicas": fits})})
 
 
 def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | None = None) -> Application:
@@ -141,4 +169,11 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_application(ClusterSpec.model_validate(args.get("spec", {})))
 
 
-__all__ = ["APP_NAME", "app_builder", "build_application", "check_engine_fits", "required_cpus"]
+__all__ = [
+    "APP_NAME",
+    "app_builder",
+    "build_application",
+    "check_engine_fits",
+    "fit_to_machine",
+    "required_cpus",
+]

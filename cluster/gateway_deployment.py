@@ -5,6 +5,7 @@ from the spec, calling the Attention deployment through a handle routed by the p
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 from ray import serve
@@ -41,10 +42,23 @@ def gateway_config(spec: ClusterSpec) -> GatewayConfig:
     )
 
 
+def can_serve(replica_states: Mapping[str, Mapping[str, int]]) -> bool:
+    """Every deployment (name -> replicas per state) has a RUNNING replica. A deployment that is
+    UPSCALING, UPDATING or restarting a replica still serves on the ones running."""
+    return bool(replica_states) and all(states.get("RUNNING", 0) >= 1 for states in replica_states.values())
+
+
 async def is_app_ready(pool: DeploymentHandle | None) -> bool:
-    """Every deployment of the application healthy, and every expert shard answering."""
+    """The application can serve (`can_serve`), and every expert shard answers."""
     status = (await asyncio.to_thread(serve.status)).applications.get(APP_NAME)  # serve.status blocks
-    if status is None or any(d.status != "HEALTHY" for d in status.deployments.values()):
+    if status is None:
+        return False
+    # Serve reports states as ReplicaState members or as their names, depending on the path
+    states = {
+        name: {str(getattr(state, "value", state)): n for state, n in d.replica_states.items()}
+        for name, d in status.deployments.items()
+    }
+    if not can_serve(states):
         return False
     return True if pool is None else bool(await pool.is_ready.remote())
 

@@ -67,13 +67,15 @@ def _serve(spec: ClusterSpec, address: str | None) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import APP_NAME, check_engine_fits, required_cpus
+    from cluster.app import APP_NAME, check_engine_fits, fit_to_machine, required_cpus
     from cluster.deploy import deploy
 
     check_engine_fits(spec)  # a bad spec fails here, naming the field, before Ray starts
     if address:
         ray.init(address=address, log_to_driver=False)
+        spec = _fitted(spec, fit_to_machine(spec, ray.cluster_resources().get("CPU", 0.0)), "the cluster")
     else:  # always a new private cluster, never someone else's that happens to run here
+        spec = _fitted(spec, fit_to_machine(spec, os.cpu_count() or 1), "this machine")
         # logical CPUs are scheduling tokens: reserve enough for the spec even on a small machine
         num_cpus = max(os.cpu_count() or 1, math.ceil(required_cpus(spec)))
         ray.init(
@@ -101,3 +103,13 @@ def _serve(spec: ClusterSpec, address: str | None) -> int:
             serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _fitted(spec: ClusterSpec, fitted: ClusterSpec, where: str) -> ClusterSpec:
+    if fitted.attention.max_replicas != spec.attention.max_replicas:
+        print(
+            f"mimo serve: attention.max_replicas {fitted.attention.max_replicas} (what {where}'s CPUs "
+            "hold; set it in the spec to choose)",
+            flush=True,
+        )
+    return fitted

@@ -111,15 +111,15 @@ def build_app(
             if release:
                 state.num_pending -= 1
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, operation_id="createChatCompletion")
     async def chat(request: Request, body: ChatCompletionRequest) -> Response:
         return await run(request, chat_completion, body)
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, operation_id="createCompletion")
     async def completions(request: Request, body: CompletionRequest) -> Response:
         return await run(request, completion, body)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", operation_id="listModels")
     async def models() -> dict[str, Any]:
         card = {
             "id": config.served_model_name,
@@ -169,8 +169,20 @@ _ERRORS = {
 }
 
 
+# A client lists the models, then asks one of them: OpenAPI links that let a stateful fuzzer
+# (schemathesis) chain the two with the served model id
+_MODEL_LINKS = {
+    name: {"operationId": operation, "requestBody": {"model": "$response.body#/data/0/id"}}
+    for name, operation in (
+        ("ChatWithListedModel", "createChatCompletion"),
+        ("CompleteWithListedModel", "createCompletion"),
+    )
+}
+
+
 def _document_errors(app: FastAPI) -> None:
-    """The schema says what the API really answers: OpenAI error objects, never FastAPI's 422."""
+    """The schema says what the API really answers: OpenAI error objects, never FastAPI's 422;
+    and how a listed model id feeds the completion routes."""
     plain = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -185,6 +197,7 @@ def _document_errors(app: FastAPI) -> None:
                             "description": text,
                             "content": {"application/json": {"schema": _ERROR_SCHEMA}},
                         }
+            schema["paths"]["/v1/models"]["get"]["responses"]["200"]["links"] = _MODEL_LINKS
             app.openapi_schema = schema
         return app.openapi_schema
 

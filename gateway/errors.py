@@ -119,6 +119,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not decode the body (too deep, a huge number)
+            return APIError(
+                400, f"request body is not valid JSON: {exc.detail}", None, "invalid_json"
+            ).response()
         return APIError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(Exception)

@@ -11,6 +11,7 @@ from the same modules.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -147,9 +148,10 @@ class MiMoModel(nn.Module):
 
 
 class MiMoForCausalLM(nn.Module):
-    def __init__(self, config: MiMoConfig) -> None:
+    def __init__(self, config: MiMoConfig, source: Path | None = None) -> None:
         super().__init__()
         self.config = config
+        self.source = source  # the checkpoint directory it was loaded from (None: built in memory)
         self.model = MiMoModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
 

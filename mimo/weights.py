@@ -3,13 +3,16 @@
 The hub stores one tensor per expert (`model.layers.N.mlp.experts.E.gate_proj.weight`); the model
 stacks a layer's experts into one [E, I, H] parameter. Everything else has the same name on both
 sides. Callers choose what to load: the dense part, all experts, or given (layer, expert) pairs,
-so an expert shard reads only its own bytes from the memory-mapped files.
+so an expert shard reads only its own bytes from the memory-mapped files. A checkpoint that stores no
+MTP tensor at all (transformers saves none) is served without MTP blocks, with one warning.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +22,10 @@ from mimo.config import MiMoConfig
 from mimo.model import MiMoForCausalLM, cast_model
 from mimo.moe import Experts
 
+logger = logging.getLogger(__name__)
+
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+MTP_PREFIX = "model.mtp."
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
@@ -51,6 +57,24 @@ def hub_shapes(config: MiMoConfig) -> dict[str, tuple[int, ...]]:
         else:
             shapes[name] = tuple(param.shape)
     return shapes
+
+
+def without_absent_mtp(config: MiMoConfig, stored_names: Iterable[str]) -> MiMoConfig:
+    """`config`, or `config` with no MTP blocks when the checkpoint stores no `model.mtp.*` tensor at
+    all: transformers drops them on save, and a config without `num_nextn_predict_layers` still
+    declares the release's 3. A checkpoint holding only some of them keeps its blocks (and then
+    fails validation naming the missing ones): a corrupt checkpoint is never accepted silently."""
+    if config.num_mtp_layers == 0 or any(name.startswith(MTP_PREFIX) for name in stored_names):
+        return config
+    return replace(config, num_mtp_layers=0)
+
+
+def checkpoint_config(path: str | Path) -> MiMoConfig:
+    """The config a checkpoint is served with: its config.json, less the MTP blocks when it stores
+    none of their tensors. Reads config.json and the safetensors index (or header), never weights."""
+    config = MiMoConfig.from_file(path)
+    reader = CheckpointReader(Path(path), quantization_config=_quant_dict(config))
+    return without_absent_mtp(config, reader.names())
 
 
 def is_fp32_tensor(name: str) -> bool:
@@ -165,14 +189,25 @@ def load_model(
     """Builds the model on the meta device and fills it from the checkpoint without a copy.
 
     experts="none" leaves expert weights unloaded (on meta): the attention replica's view, whose
-    MoE layers dispatch to expert shards instead. mtp=False skips the MTP blocks' weights.
+    MoE layers dispatch to expert shards instead. mtp=False skips the MTP blocks' weights. A
+    checkpoint storing no MTP tensor gives a model without MTP blocks (`config.num_mtp_layers` 0)
+    and logs one warning.
     """
     root = Path(path)
-    cfg = config or MiMoConfig.from_file(root)
-    reader = CheckpointReader(root, quantization_config=_quant_dict(cfg))
+    declared = config or MiMoConfig.from_file(root)
+    reader = CheckpointReader(root, quantization_config=_quant_dict(declared))
+    cfg = without_absent_mtp(declared, reader.names())
+    if cfg.num_mtp_layers < declared.num_mtp_layers:
+        logger.warning(
+            "checkpoint %s stores no MTP tensors (%s*) although its config declares %d MTP blocks: "
+            "loading it without MTP, so MTP drafting is unavailable (num_mtp_drafts must be 0)",
+            root,
+            MTP_PREFIX,
+            declared.num_mtp_layers,
+        )
     validate_names_and_shapes(reader, hub_shapes(cfg))
     with torch.device("meta"):
-        model = MiMoForCausalLM(cfg)
+        model = MiMoForCausalLM(cfg, source=root)
     names = select_names(cfg, mtp=mtp, experts=experts)
     state = stack_experts(cfg, load_tensors(reader, names, dtype, device, progress))
     model.load_state_dict(state, strict=False, assign=True)

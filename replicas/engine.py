@@ -102,6 +102,7 @@ class Engine:
         self.model_config = model.config
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)  # fmt: skip
+        config.validate(model.config, checkpoint=model.source)  # names the checkpoint on a bad MTP ask
         layout = build_layout(model.config, config)
         self.kv_cache = KVCacheManager(layout, enable_prefix_cache=config.enable_prefix_cache)
         self.scheduler = Scheduler(

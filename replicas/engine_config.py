@@ -2,12 +2,14 @@
 
 The KV budget is in bytes (what an operator knows); block counts per pool follow from the model's
 bytes per block in each pool: GA layers in one pool, SWA layers plus the MTP blocks in the other.
-MTP drafting lags by up to `num_mtp_drafts` slots, so SWA blocks are kept that much longer.
+MTP drafting lags by up to `num_mtp_drafts` slots, so SWA blocks are kept that much longer; each
+draft needs an MTP block of its own, which a checkpoint saved without MTP tensors does not have.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from mimo.config import LayerType, MiMoConfig
 from mimo.sizes import kv_bytes_per_token
@@ -31,13 +33,26 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     kv_dtype_bytes: int = 4  # the runner keeps K/V in the model's dtype (fp32 here)
 
-    def validate(self, model: MiMoConfig) -> None:
-        if not 0 <= self.num_mtp_drafts <= model.num_mtp_layers:
-            raise ValueError(
-                f"num_mtp_drafts must be in [0, {model.num_mtp_layers}], got {self.num_mtp_drafts}"
-            )
+    def validate(self, model: MiMoConfig, checkpoint: str | Path | None = None) -> None:
+        """Raises ValueError naming the setting at fault; `checkpoint` (the model's directory) goes
+        into the message when the model lacks the MTP blocks that drafting needs."""
+        if self.num_mtp_drafts < 0:
+            raise ValueError(f"engine.num_mtp_drafts must be >= 0, got {self.num_mtp_drafts}")
+        shortfall = mtp_shortfall(self.num_mtp_drafts, model, checkpoint)
+        if shortfall is not None:
+            raise ValueError(f"engine.num_mtp_drafts={self.num_mtp_drafts} but {shortfall}")
         if self.max_draft_batch is not None and self.max_draft_batch < 1:
             raise ValueError(f"max_draft_batch must be >= 1 or None, got {self.max_draft_batch}")
+
+
+def mtp_shortfall(num_mtp_drafts: int, model: MiMoConfig, checkpoint: str | Path | None) -> str | None:
+    """Why `num_mtp_drafts` drafts per step cannot run on `model` (one MTP block per draft), or None."""
+    if num_mtp_drafts <= model.num_mtp_layers:
+        return None
+    where = "the model" if checkpoint is None else f"checkpoint {checkpoint}"
+    if model.num_mtp_layers == 0:
+        return f"{where} has no MTP blocks, so MTP drafting is unavailable: set num_mtp_drafts to 0"
+    return f"{where} has only {model.num_mtp_layers} MTP blocks"
 
 
 def pool_bytes_per_token(model: MiMoConfig, config: EngineConfig) -> tuple[int, int]:

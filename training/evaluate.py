@@ -91,7 +91,9 @@ def tool_call_validity(model: MiMoForCausalLM, tokenizer: Tokenizer, num_prompts
         prompt = tokenizer.encode_chat(messages, tools=tools, enable_thinking=i % 2 == 1)
         params = SamplingParams(max_new_tokens=160, stop_token_ids=tokenizer.eos_token_ids)
         text = tokenizer.decode(generate(model, prompt, params).token_ids)
-        calls = parse_tool_calls(text, tools).calls
+        # the format alone (any function name): the gateway keeps a call to an undefined function
+        # in the content, which "calling the right tool" counts as a miss
+        calls = parse_tool_calls(text, None).calls
         parsed += bool(calls)
         right_tool += bool(calls) and calls[0].name == expected
         if len(samples) < 3:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import httpx2 as httpx
 import openai
 import pytest
 import ray
@@ -190,8 +191,9 @@ def test_repeated_prefix_is_routed_to_its_cache(client: openai.OpenAI) -> None:
     assert all(c >= 16 * (len(system) // 80) for c in cached[1:]), cached
 
 
-def test_killed_attention_replica_fails_only_its_requests_retriably(client: openai.OpenAI) -> None:
-    """Catches a replica death that hangs clients or takes down requests on the other replica."""
+def test_killed_attention_replica_fails_only_its_requests_retriably(client: openai.OpenAI, app_url: str) -> None:
+    """Catches a replica death that hangs clients or takes down requests on the other replica, and
+    a /ready that answers 503 while Serve restarts it although the other replica serves."""
     victim_pid = _an_attention_replica_pid()
     results: list[str] = []
 
@@ -219,6 +221,15 @@ def test_killed_attention_replica_fails_only_its_requests_retriably(client: open
         t.start()
     time.sleep(1.0)
     os.kill(victim_pid, signal.SIGKILL)
+    ready_url = app_url.removesuffix("/v1") + "/ready"
+    ready_while_restarting = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(ready_while_restarting) < 3:
+        attention = serve.status().applications["mimo"].deployments["Attention"]
+        if attention.status != "HEALTHY":  # Serve noticed the death and restarts the replica
+            ready_while_restarting.append(httpx.get(ready_url, timeout=30).status_code)
+        time.sleep(0.2)
+    assert ready_while_restarting and set(ready_while_restarting) == {200}, ready_while_restarting
     for t in threads:
         t.join(timeout=180)
     assert len(results) == 6, results

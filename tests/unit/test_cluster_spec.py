@@ -51,3 +51,33 @@ def test_spec_is_frozen() -> None:
     spec = ClusterSpec()
     with pytest.raises(ValueError):
         spec.engine.block_size = 8  # type: ignore[misc]
+
+
+def test_default_autoscaling_ceiling_fits_the_machine() -> None:
+    """Catches the default spec scaling to 4 attention replicas beside 2 expert shards on a
+    2-core machine; a ceiling written in the spec is kept."""
+    from cluster.app import fit_to_machine
+
+    default = ClusterSpec()
+    assert default.attention.max_replicas == 4
+    assert fit_to_machine(default, 2).attention.max_replicas == 2  # never below num_replicas
+    assert fit_to_machine(default, 5).attention.max_replicas == 3  # 5 CPUs - 2 shards
+    assert fit_to_machine(default, 64) == default
+    local = ClusterSpec.from_dict({"experts": {"transport": "local"}})
+    assert fit_to_machine(local, 3).attention.max_replicas == 3
+    chosen = ClusterSpec.from_dict({"attention": {"max_replicas": 4}})
+    assert fit_to_machine(chosen, 2) == chosen
+
+
+def test_ready_while_every_deployment_has_a_running_replica() -> None:
+    """Catches /ready answering 503 while the autoscaler adds a replica or Serve restarts one,
+    although every deployment still has one serving."""
+    from cluster.gateway_deployment import can_serve
+
+    running = {"Gateway": {"RUNNING": 1}, "Attention": {"RUNNING": 2}, "ExpertPool": {"RUNNING": 1}}
+    assert can_serve(running)
+    assert can_serve(running | {"Attention": {"RUNNING": 1, "STARTING": 2}})  # upscaling
+    assert can_serve(running | {"Attention": {"RUNNING": 1, "RECOVERING": 1}})  # one restarting
+    assert not can_serve(running | {"Attention": {"STARTING": 2}})
+    assert not can_serve(running | {"ExpertPool": {}})
+    assert not can_serve({})
