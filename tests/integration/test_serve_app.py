@@ -191,7 +191,9 @@ def test_repeated_prefix_is_routed_to_its_cache(client: openai.OpenAI) -> None:
     assert all(c >= 16 * (len(system) // 80) for c in cached[1:]), cached
 
 
-def test_killed_attention_replica_fails_only_its_requests_retriably(client: openai.OpenAI, app_url: str) -> None:
+def test_killed_attention_replica_fails_only_its_requests_retriably(
+    client: openai.OpenAI, app_url: str
+) -> None:
     """Catches a replica death that hangs clients or takes down requests on the other replica, and
     a /ready that answers 503 while Serve restarts it although the other replica serves."""
     victim_pid = _an_attention_replica_pid()
