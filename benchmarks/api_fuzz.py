@@ -264,6 +264,7 @@ def main() -> None:
         "total_server_errors": sum(r.num_server_errors for r in reports),
         "total_over_limit": sum(r.num_over_limit for r in reports),
         "statuses": dict(sum((Counter(r.statuses) for r in reports), Counter())),
+        "schemathesis_checks_passed": reports[0].exit_code == 0,
     }
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "reports"}, indent=2))

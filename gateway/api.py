@@ -169,6 +169,12 @@ _ERRORS = {
 }
 
 
+# One server-sent event: `data:` holds a JSON chunk (or an error object), then `[DONE]`
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+}
 # A client lists the models, then asks one of them: OpenAPI links that let a stateful fuzzer
 # (schemathesis) chain the two with the served model id
 _MODEL_LINKS = {
@@ -197,6 +203,10 @@ def _document_errors(app: FastAPI) -> None:
                             "description": text,
                             "content": {"application/json": {"schema": _ERROR_SCHEMA}},
                         }
+            for route in ("/v1/chat/completions", "/v1/completions"):  # `stream: true` answers SSE
+                ok = schema["paths"][route]["post"]["responses"]["200"]
+                ok["description"] = "the completion (JSON), or with stream: true its chunks (SSE)"
+                ok["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
             schema["paths"]["/v1/models"]["get"]["responses"]["200"]["links"] = _MODEL_LINKS
             app.openapi_schema = schema
         return app.openapi_schema
