@@ -37,9 +37,10 @@ from mimo.config_export import to_hub_dict  # noqa: E402
 from mimo.device import pick_device  # noqa: E402
 from mimo.tokenizer import Tokenizer  # noqa: E402
 from mimo.weights import load_model  # noqa: E402
-from replicas.engine import Engine, GenerateRequest  # noqa: E402
+from protocol.messages import GenerateRequest  # noqa: E402
+from protocol.sampling import SamplingParams  # noqa: E402
+from replicas.engine import Engine  # noqa: E402
 from replicas.engine_config import EngineConfig  # noqa: E402
-from replicas.sampling_params import SamplingParams  # noqa: E402
 
 TINY = ROOT / "checkpoints" / "mimo-tiny"
 CACHE = ROOT / "benchmarks" / ".cache"

@@ -41,12 +41,13 @@ from mimo.config import MiMoConfig  # noqa: E402
 from mimo.moe import MoE  # noqa: E402
 from mimo.tokenizer import Tokenizer  # noqa: E402
 from mimo.weights import load_model  # noqa: E402
+from protocol.messages import GenerateRequest  # noqa: E402
+from protocol.sampling import SamplingParams  # noqa: E402
 from replicas.dispatch import ExpertDispatcher, ExpertTransport  # noqa: E402
-from replicas.engine import Engine, GenerateRequest  # noqa: E402
+from replicas.engine import Engine  # noqa: E402
 from replicas.engine_config import EngineConfig  # noqa: E402
 from replicas.expert_placement import ExpertKey, initial_placement  # noqa: E402
 from replicas.expert_shard import ExpertShard  # noqa: E402
-from replicas.sampling_params import SamplingParams  # noqa: E402
 from replicas.transport_collective import CollectiveTransport, init_group, serve_shard  # noqa: E402
 from replicas.transport_local import InProcessTransport  # noqa: E402
 

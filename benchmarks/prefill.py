@@ -36,9 +36,10 @@ from benchmarks.engine_vs_peers import (  # noqa: E402
 )
 from mimo.tokenizer import Tokenizer  # noqa: E402
 from mimo.weights import load_model  # noqa: E402
-from replicas.engine import Engine, GenerateRequest  # noqa: E402
+from protocol.messages import GenerateRequest  # noqa: E402
+from protocol.sampling import SamplingParams  # noqa: E402
+from replicas.engine import Engine  # noqa: E402
 from replicas.engine_config import EngineConfig  # noqa: E402
-from replicas.sampling_params import SamplingParams  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "prefill.json"
 CHUNK = 2048

@@ -21,9 +21,10 @@ sys.path.insert(0, str(ROOT))
 
 from mimo.tokenizer import Tokenizer  # noqa: E402
 from mimo.weights import load_model  # noqa: E402
-from replicas.engine import Engine, GenerateRequest  # noqa: E402
+from protocol.messages import GenerateRequest  # noqa: E402
+from protocol.sampling import SamplingParams  # noqa: E402
+from replicas.engine import Engine  # noqa: E402
 from replicas.engine_config import EngineConfig  # noqa: E402
-from replicas.sampling_params import SamplingParams  # noqa: E402
 
 TINY = ROOT / "checkpoints" / "mimo-tiny"
 

@@ -448,8 +448,8 @@ def trace_prompts(trace: Trace, nonce: int) -> list[list[int]]:
 def cache_pressure(spec: ClusterSpec, prompts: list[list[int]]) -> dict[str, int]:
     """Each replica's pool sizes in blocks beside the trace's distinct prompt blocks (one run)."""
     from cluster.attention_deployment import engine_config
-    from mimo.block_hash import block_hashes
     from mimo.config import MiMoConfig
+    from protocol.block_hash import block_hashes
     from replicas.engine_config import build_layout
     from replicas.kv_layout import swa_blocks_per_seq
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mimo.block_hash import block_hashes
+from protocol.block_hash import block_hashes
 
 # Opening lines of the system prompts: two agents with tool instructions, two chat personas.
 SYSTEM_OPENINGS = (

@@ -32,8 +32,8 @@ from pydantic import BaseModel  # noqa: E402
 
 from cluster.spec import ClusterSpec  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
-from mimo.block_hash import block_hashes  # noqa: E402
 from mimo.tokenizer import Tokenizer  # noqa: E402
+from protocol.block_hash import block_hashes  # noqa: E402
 from replicas.async_engine import AsyncEngine  # noqa: E402
 from replicas.engine import Engine  # noqa: E402
 

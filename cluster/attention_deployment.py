@@ -16,7 +16,8 @@ from cluster.engine_clients import stream_request
 from cluster.metrics_ray import ray_metrics
 from cluster.request_metrics import RequestTimer, TTFTWindow, record_finished
 from cluster.spec import ClusterSpec
-from gateway.engine_client import EngineError, GenerationChunk
+from gateway.engine_client import EngineError
+from protocol.messages import Chunk, GenerateRequest, Refusal
 
 if TYPE_CHECKING:
     from replicas.dispatch import ExpertDispatcher
@@ -85,32 +86,19 @@ class AttentionDeployment:
         self._recorded = self.engine.snapshot()
         self._reporter = asyncio.get_running_loop().create_task(self._report_loop())
 
-    async def generate(
-        self, *, prompt_token_ids: list[int], salt: str | None, params: dict[str, Any], request_id: str
-    ) -> AsyncIterator[dict[str, Any]]:
-        """The gateway's call (a Serve stream of chunk dicts; a refusal is `{"refused": ...}`)."""
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk | Refusal]:
+        """The gateway's call: a Serve stream of the engine's chunks, or one `Refusal` first."""
         try:
-            async for chunk in self.chunks(
-                prompt_token_ids=prompt_token_ids, salt=salt, params=params, request_id=request_id
-            ):
-                yield chunk.to_dict()
+            async for chunk in self.chunks(request):
+                yield chunk
         except EngineError as e:
-            yield {"refused": e.to_dict()}
+            yield e.refusal
 
-    async def chunks(
-        self, *, prompt_token_ids: list[int], salt: str | None, params: dict[str, Any], request_id: str
-    ) -> AsyncIterator[GenerationChunk]:
+    async def chunks(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         """One request on this replica's engine, timed into its metrics and TTFT window. Raises
         EngineError before the first chunk; closing it early aborts the request."""
         timer = RequestTimer()
-        stream = stream_request(
-            self.engine,
-            prompt_token_ids=prompt_token_ids,
-            salt=salt,
-            params=params,
-            request_id=request_id,
-            max_streams=self.max_streams,
-        )
+        stream = stream_request(self.engine, request, self.max_streams)
         try:
             async for chunk in stream:
                 timer.on_chunk(chunk)

@@ -28,9 +28,10 @@ def _generate(args: argparse.Namespace) -> int:
     from mimo.device import pick_device
     from mimo.tokenizer import Tokenizer
     from mimo.weights import load_model
-    from replicas.engine import Engine, GenerateRequest
+    from protocol.messages import GenerateRequest
+    from protocol.sampling import SamplingParams
+    from replicas.engine import Engine
     from replicas.engine_config import EngineConfig, single_sequence_budget
-    from replicas.sampling_params import SamplingParams
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = load_model(args.model, dtype=dtype, device=pick_device(args.device), progress=False)

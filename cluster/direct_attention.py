@@ -19,7 +19,8 @@ from ray.serve.handle import DeploymentHandle
 from cluster.attention_deployment import AttentionDeployment
 from cluster.gateway_deployment import api_limits, gateway_config, is_app_ready
 from cluster.metrics_ray import ray_metrics
-from gateway.engine_client import EngineClient, GenerationChunk
+from gateway.engine_client import EngineClient
+from protocol.messages import Chunk, GenerateRequest
 
 
 class ReplicaEngineClient(EngineClient):
@@ -28,12 +29,8 @@ class ReplicaEngineClient(EngineClient):
     def __init__(self, replica: AttentionDeployment) -> None:
         self.replica = replica
 
-    def generate(
-        self, *, prompt_token_ids: list[int], salt: str | None, params: dict[str, Any], request_id: str
-    ) -> AsyncIterator[GenerationChunk]:
-        return self.replica.chunks(
-            prompt_token_ids=prompt_token_ids, salt=salt, params=params, request_id=request_id
-        )
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        return self.replica.chunks(request)
 
     async def is_ready(self) -> bool:
         return self.replica.engine.is_alive() and await is_app_ready(self.replica.pool)

@@ -7,8 +7,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from gateway.engine_client import GenerationChunk
 from observability.recorder import Metrics
+from protocol.messages import Chunk, Usage
 
 
 @dataclass
@@ -18,7 +18,7 @@ class RequestTimer:
     last_s: float | None = None
     gaps_s: list[float] = field(default_factory=list)
 
-    def on_chunk(self, chunk: GenerationChunk) -> None:
+    def on_chunk(self, chunk: Chunk) -> None:
         now = time.monotonic()
         if chunk.token_ids:
             if self.first_s is None:
@@ -52,14 +52,15 @@ class TTFTWindow:
         return values[min(len(values) - 1, int(0.9 * len(values)))]
 
 
-def record_finished(metrics: Metrics, timer: RequestTimer, last: GenerationChunk) -> None:
+def record_finished(metrics: Metrics, timer: RequestTimer, last: Chunk) -> None:
+    usage = last.usage or Usage(0, 0, 0)
     metrics.request_finished(
         finished_reason=last.finish_reason or "error",
-        num_prompt_tokens=last.prompt_tokens,
-        num_generation_tokens=last.completion_tokens,
+        num_prompt_tokens=usage.prompt_tokens,
+        num_generation_tokens=usage.completion_tokens,
         e2e_s=time.monotonic() - timer.arrival_s,
         ttft_s=timer.ttft_s,
-        queue_s=last.queue_s,
+        queue_s=usage.queue_s,
         inter_token_s=timer.gaps_s,
     )
-    metrics.prefix_cache(num_queried_tokens=last.prompt_tokens, num_hit_tokens=last.cached_tokens)
+    metrics.prefix_cache(num_queried_tokens=usage.prompt_tokens, num_hit_tokens=usage.cached_tokens)

@@ -42,13 +42,15 @@ class RouteChooser:
     async def route(self, request: Request) -> dict[str, Any]:
         from gateway.auth import claimed_cache_salt
         from gateway.routing_prompt import routing_prompt
+        from protocol.messages import GenerateRequest
+        from protocol.sampling import SamplingParams
 
         token_ids = routing_prompt(await request.body(), self.tokenizer)
         salt = claimed_cache_salt(request.headers.get("authorization")) if self.keyed else None
+        # what the router reads of a request: its prompt and tenant (nothing is generated here)
+        probe = GenerateRequest("route-choice", token_ids, SamplingParams(), salt)
         # _reserve=False: the request goes out through HAProxy, not this handle, so no slot is held
-        async with self.attention.choose_replica(
-            prompt_token_ids=token_ids, salt=salt, _reserve=False
-        ) as chosen:
+        async with self.attention.choose_replica(probe, _reserve=False) as chosen:
             replica = chosen._replica  # Ray's own route chooser reads the endpoint the same way
             endpoint = replica.backend_http_endpoint
             if endpoint is None:

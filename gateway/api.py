@@ -106,7 +106,8 @@ def build_app(
                 response.body_iterator = _releasing(response.body_iterator, state)
             return response
         except EngineError as e:
-            raise APIError(e.status, e.message, e.param, None, e.retry_after_s) from None
+            r = e.refusal
+            raise APIError(r.status, r.message, r.param, None, r.retry_after_s) from None
         finally:
             if release:
                 state.num_pending -= 1

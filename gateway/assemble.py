@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.engine_client import GenerationChunk
 from gateway.reasoning import ReasoningStream
 from gateway.tool_stream import ToolCallStream
 from mimo.tokenizer import Tokenizer
+from protocol.messages import Chunk
 
 
 @dataclass
@@ -32,11 +32,14 @@ def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def chat_logprobs(tokenizer: Tokenizer, chunk: GenerationChunk) -> list[dict[str, Any]]:
+def chat_logprobs(tokenizer: Tokenizer, chunk: Chunk) -> list[dict[str, Any]]:
+    if chunk.logprobs is None:
+        return []
     entries = []
-    for i, (token_id, logprob) in enumerate(zip(chunk.token_ids, chunk.logprobs, strict=False)):
+    tops = chunk.logprobs.top
+    for i, (token_id, logprob) in enumerate(zip(chunk.token_ids, chunk.logprobs.logprobs, strict=False)):
         text = token_text(tokenizer, token_id)
-        top = chunk.top_logprobs[i] if i < len(chunk.top_logprobs) else []
+        top = tops[i] if i < len(tops) else []
         entries.append(
             {
                 "token": text,
@@ -69,7 +72,7 @@ class ChoiceAssembler:
         self._num_calls = 0
         self._pending_prefill = prefill
 
-    def push(self, chunk: GenerationChunk, want_logprobs: bool) -> ChoiceDelta:
+    def push(self, chunk: Chunk, want_logprobs: bool) -> ChoiceDelta:
         text = self._pending_prefill + chunk.text
         self._pending_prefill = ""
         split = self._reasoning.push(text)

@@ -11,49 +11,40 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
-from gateway.engine_client import EngineClient, GenerationChunk
+from gateway.engine_client import EngineClient
+from protocol.messages import Chunk, GenerateRequest
 
 
 @dataclass(frozen=True)
 class EngineCall:
     index: int  # the choice index
-    prompt_token_ids: list[int]
-    params: dict[str, Any]
-    request_id: str
+    request: GenerateRequest
 
 
 class FanOut:
-    def __init__(self, client: EngineClient, calls: list[EngineCall], salt: str | None) -> None:
+    def __init__(self, client: EngineClient, calls: list[EngineCall]) -> None:
         self._client = client
         self._calls = calls
-        self._salt = salt
-        self._streams: list[AsyncIterator[GenerationChunk]] = []
-        self._firsts: list[GenerationChunk] = []
+        self._streams: list[AsyncIterator[Chunk]] = []
+        self._firsts: list[Chunk] = []
 
     async def start(self) -> None:
         """Submits every call and waits for each first chunk; raises the first refusal (EngineError)
         after closing whatever was already submitted."""
         try:
             for call in self._calls:
-                stream = self._client.generate(
-                    prompt_token_ids=call.prompt_token_ids,
-                    salt=self._salt,
-                    params=call.params,
-                    request_id=call.request_id,
-                )
-                self._streams.append(stream)
+                self._streams.append(self._client.generate(call.request))
             self._firsts = list(await asyncio.gather(*(anext(s) for s in self._streams)))
         except BaseException:
             await self.close()
             raise
 
-    async def chunks(self) -> AsyncIterator[tuple[int, GenerationChunk]]:
+    async def chunks(self) -> AsyncIterator[tuple[int, Chunk]]:
         """(choice index, chunk) in arrival order until every choice has finished."""
-        queue: asyncio.Queue[tuple[int, GenerationChunk | BaseException | None]] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, Chunk | BaseException | None]] = asyncio.Queue()
 
-        async def pump(index: int, first: GenerationChunk, stream: AsyncIterator[GenerationChunk]) -> None:
+        async def pump(index: int, first: Chunk, stream: AsyncIterator[Chunk]) -> None:
             try:
                 await queue.put((index, first))
                 if first.finish_reason is None:

@@ -13,10 +13,12 @@ from gateway.assemble import ChoiceAssembler, ChoiceDelta
 from gateway.auth import Tenant
 from gateway.chat import render_chat
 from gateway.engine_client import EngineError
+from gateway.errors import APIError
 from gateway.fanout import EngineCall, FanOut
 from gateway.params import check_prompt, engine_params
 from gateway.schemas import ChatCompletionRequest
 from gateway.sse import EventStream, sse_done, sse_error, sse_event, usage_body
+from protocol.messages import Chunk, GenerateRequest
 
 if TYPE_CHECKING:
     from gateway.api import Gateway
@@ -32,14 +34,17 @@ async def chat_completion(state: Gateway, tenant: Tenant, body: ChatCompletionRe
     calls = [
         EngineCall(
             i,
-            rendered.prompt_token_ids,
-            engine_params(body, max_tokens, num_prompt, config.max_model_len, num_logprobs, i),
-            f"{rid}-{i}",
+            GenerateRequest(
+                f"{rid}-{i}",
+                rendered.prompt_token_ids,
+                engine_params(body, max_tokens, num_prompt, config.max_model_len, num_logprobs, i),
+                tenant.cache_salt,
+            ),
         )
         for i in range(body.n)
     ]
     await state.admit(tenant, num_prompt * body.n)
-    fanout = FanOut(state.client, calls, tenant.cache_salt)
+    fanout = FanOut(state.client, calls)
     await fanout.start()
     assemblers = [
         ChoiceAssembler(state.tokenizer, rendered.enable_thinking, rendered.tools, rendered.prefill)
@@ -51,6 +56,12 @@ async def chat_completion(state: Gateway, tenant: Tenant, body: ChatCompletionRe
         stream = _stream(state, tenant, fanout, assemblers, body, response_id, created, include_usage)
         return EventStream(stream)
     return JSONResponse(await _collect(state, tenant, fanout, assemblers, body, response_id, created))
+
+
+def _usage(usage: list[int], last: Chunk) -> list[int]:
+    """[prompt, completion, cached] after a choice's last chunk: completions add up over choices."""
+    u = last.usage
+    return usage if u is None else [u.prompt_tokens, usage[1] + u.completion_tokens, u.cached_tokens]
 
 
 async def _collect(
@@ -73,9 +84,9 @@ async def _collect(
         total.logprobs += delta.logprobs
         if chunk.finish_reason is not None:
             if chunk.error:
-                raise EngineError(500, f"generation failed: {chunk.error}")
+                raise APIError(500, f"generation failed: {chunk.error}", None, "generation_failed")
             total.finish_reason = delta.finish_reason
-            usage = [chunk.prompt_tokens, usage[1] + chunk.completion_tokens, chunk.cached_tokens]
+            usage = _usage(usage, chunk)
     state.charge(tenant, usage[1])
     choices = []
     for index, total in enumerate(merged):
@@ -133,7 +144,7 @@ async def _stream(
                 continue
             delta = assemblers[index].push(chunk, body.logprobs)
             if chunk.finish_reason is not None:
-                usage = [chunk.prompt_tokens, usage[1] + chunk.completion_tokens, chunk.cached_tokens]
+                usage = _usage(usage, chunk)
             if delta.is_empty():
                 continue
             out: dict[str, Any] = {}
@@ -154,7 +165,7 @@ async def _stream(
             yield sse_event({**head, "choices": [], "usage": usage_body(*usage)})
         yield sse_done()
     except EngineError as e:
-        yield sse_error(e.message, e.param)
+        yield sse_error(e.refusal.message, e.refusal.param)
         yield sse_done()
     finally:
         await fanout.close()  # a stream closed early (client gone) aborts its engine requests

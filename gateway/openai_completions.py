@@ -11,13 +11,14 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.assemble import token_text
 from gateway.auth import Tenant
-from gateway.engine_client import EngineError, GenerationChunk
+from gateway.engine_client import EngineError
 from gateway.errors import APIError
 from gateway.fanout import EngineCall, FanOut
 from gateway.params import check_prompt, engine_params
 from gateway.schemas import CompletionRequest
 from gateway.sse import EventStream, sse_done, sse_error, sse_event, usage_body
 from mimo.tokenizer import Tokenizer
+from protocol.messages import Chunk, GenerateRequest
 
 if TYPE_CHECKING:
     from gateway.api import Gateway
@@ -36,14 +37,18 @@ def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[li
     return [list(p) for p in prompt]  # type: ignore[arg-type]
 
 
-def _logprobs(tokenizer: Tokenizer, chunk: GenerationChunk, offset: int) -> dict[str, Any]:
+def _logprobs(tokenizer: Tokenizer, chunk: Chunk, offset: int) -> dict[str, Any]:
     tokens = [token_text(tokenizer, t) for t in chunk.token_ids]
     offsets, at = [], offset
     for text in tokens:
         offsets.append(at)
         at += len(text)
-    top = [{token_text(tokenizer, t): lp for t, lp in row} for row in chunk.top_logprobs]
-    return {"tokens": tokens, "token_logprobs": chunk.logprobs, "top_logprobs": top, "text_offset": offsets}
+    logprobs = chunk.logprobs.logprobs if chunk.logprobs else []
+    top = [
+        {token_text(tokenizer, t): lp for t, lp in row}
+        for row in (chunk.logprobs.top if chunk.logprobs else [])
+    ]
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
 async def completion(state: Gateway, tenant: Tenant, body: CompletionRequest, rid: str) -> Response:
@@ -59,9 +64,10 @@ async def completion(state: Gateway, tenant: Tenant, body: CompletionRequest, ri
         check_prompt(len(ids), config.max_model_len, config.max_prompt_tokens, "prompt")
         for j in range(body.n):
             params = engine_params(body, body.max_tokens, len(ids), config.max_model_len, body.logprobs, j)
-            calls.append(EngineCall(p * body.n + j, ids, params, f"{rid}-{p}-{j}"))
+            request = GenerateRequest(f"{rid}-{p}-{j}", ids, params, tenant.cache_salt)
+            calls.append(EngineCall(p * body.n + j, request))
     await state.admit(tenant, sum(len(ids) for ids in prompts) * body.n)
-    fanout = FanOut(state.client, calls, tenant.cache_salt)
+    fanout = FanOut(state.client, calls)
     await fanout.start()
     echoes = [state.tokenizer.decode(ids) if body.echo else "" for ids in prompts for _ in range(body.n)]
     head = {"id": f"cmpl-{rid}", "created": int(time.time()), "model": body.model}
@@ -80,10 +86,11 @@ async def completion(state: Gateway, tenant: Tenant, body: CompletionRequest, ri
         texts[index] += chunk.text
         if chunk.finish_reason is not None:
             if chunk.error:
-                raise EngineError(500, f"generation failed: {chunk.error}")
+                raise APIError(500, f"generation failed: {chunk.error}", None, "generation_failed")
             finish[index] = chunk.finish_reason
-            completion_tokens += chunk.completion_tokens
-            cached += chunk.cached_tokens
+            if chunk.usage is not None:
+                completion_tokens += chunk.usage.completion_tokens
+                cached += chunk.usage.cached_tokens
     prompt_tokens = sum(len(ids) for ids in prompts) * body.n
     state.charge(tenant, completion_tokens)
     choices = [
@@ -127,10 +134,10 @@ async def _stream(
                 continue
             lp = _logprobs(state.tokenizer, chunk, offsets[index]) if body.logprobs is not None else None
             offsets[index] += len(chunk.text)
-            if chunk.finish_reason is not None:
-                prompt_tokens += chunk.prompt_tokens
-                completion_tokens += chunk.completion_tokens
-                cached += chunk.cached_tokens
+            if chunk.finish_reason is not None and chunk.usage is not None:
+                prompt_tokens += chunk.usage.prompt_tokens
+                completion_tokens += chunk.usage.completion_tokens
+                cached += chunk.usage.cached_tokens
             if chunk.text or chunk.finish_reason is not None:
                 choice = {
                     "index": index,
@@ -145,7 +152,7 @@ async def _stream(
             )
         yield sse_done()
     except EngineError as e:
-        yield sse_error(e.message, e.param)
+        yield sse_error(e.refusal.message, e.refusal.param)
         yield sse_done()
     finally:
         await fanout.close()  # a stream closed early (client gone) aborts its engine requests

@@ -20,8 +20,9 @@ import threading
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from protocol.messages import Chunk, GenerateRequest
 from replicas.block_pool import KVEvent
-from replicas.engine import Chunk, Engine, GenerateRequest
+from replicas.engine import Engine
 
 
 @dataclass(frozen=True)

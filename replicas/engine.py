@@ -16,12 +16,13 @@ import torch
 
 from mimo.model import MiMoForCausalLM
 from mimo.tokenizer import IncrementalDetokenizer, Tokenizer
+from protocol.messages import Chunk, GenerateRequest, TokenLogprobs, Usage
+from protocol.sampling import InvalidSamplingParameter
 from replicas.engine_config import EngineConfig, build_layout
 from replicas.kv_cache import KVCacheManager
-from replicas.requests import EngineRequest, FinishReason, RequestUpdate
-from replicas.runner import ModelRunner, TokenLogprobs
+from replicas.requests import EngineRequest, RequestUpdate
+from replicas.runner import ModelRunner
 from replicas.sampler import RowState
-from replicas.sampling_params import InvalidSamplingParameter, SamplingParams
 from replicas.scheduler import Scheduler, SchedulerConfig
 from replicas.stop_strings import StopStringMatcher
 
@@ -32,53 +33,6 @@ class InvalidRequest(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    request_id: str
-    prompt_token_ids: Sequence[int]
-    params: SamplingParams
-    salt: str | None = None  # prefix-cache tenant
-    priority: int = 0
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    queue_s: float = 0.0  # from `add` until the request was first scheduled
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """New output of one request: token ids, their text, and on the last chunk a finish reason."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    finish_reason: FinishReason | None = None
-    usage: Usage | None = None  # on the last chunk
-    logprobs: TokenLogprobs | None = None
-    error: str | None = None
-
-    def followed_by(self, later: Chunk) -> Chunk:
-        """This chunk and the next one of the same request as one chunk (this one not finishing)."""
-        assert later.request_id == self.request_id and self.finish_reason is None
-        logprobs = self.logprobs
-        if later.logprobs is not None:
-            logprobs = (
-                later.logprobs
-                if logprobs is None
-                else TokenLogprobs(
-                    logprobs.logprobs + later.logprobs.logprobs, logprobs.top + later.logprobs.top
-                )
-            )
-        return Chunk(
-            self.request_id, self.token_ids + later.token_ids, self.text + later.text, later.finish_reason,
-            later.usage, logprobs, later.error,
-        )  # fmt: skip
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 GA layers keep every block; SWA (and MTP) layers drop the blocks no future query's window can
 reach, so their memory per sequence stays bounded. Prefix caching keys full blocks by chained
-hashes (`mimo.block_hash`); a hit must hold every GA block and the SWA blocks of the last window.
+hashes (`protocol.block_hash`); a hit must hold every GA block and the SWA blocks of the last window.
 """
 
 from __future__ import annotations

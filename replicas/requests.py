@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Literal
 
-FinishReason = Literal["stop", "length", "abort", "error"]
+from protocol.messages import FinishReason
 
 
 class RequestStatus(enum.Enum):

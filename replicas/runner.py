@@ -9,25 +9,17 @@ outputs follow the main model's distribution exactly.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from mimo.model import MiMoForCausalLM
+from protocol.messages import TokenLogprobs
 from replicas.kv_layout import KVLayout
 from replicas.mtp import DraftItem, MTPDrafter, MTPState
 from replicas.paged_model import PagedModel, SeqInput
 from replicas.requests import ScheduledSeq, SeqOutput, StepOutput, StepPlan
 from replicas.sampler import RowState, sample
 from replicas.spec_decode import accept_drafts, build_target_probs
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """Raw logprob of each emitted token and its top alternatives (when the request asked)."""
-
-    logprobs: list[float]
-    top: list[list[tuple[int, float]]]
 
 
 class ModelRunner:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from replicas.sampling_params import SamplingParams
+from protocol.sampling import SamplingParams
 
 # top_p first tries the nucleus within this many top tokens (a topk) before a full sort of the row.
 _TOP_P_FIRST_K = 256

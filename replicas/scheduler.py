@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from mimo.block_hash import next_block_hashes
+from protocol.block_hash import next_block_hashes
 from replicas.kv_cache import KVCacheManager
 from replicas.kv_layout import swa_blocks_per_seq
 from replicas.requests import (

@@ -1,6 +1,6 @@
 """Prompt block hashes for routing, computed in chunks that yield to the event loop.
 
-The router must hash exactly as the engine does (`mimo.block_hash`), but a long prompt costs about
+The router must hash exactly as the engine does (`protocol.block_hash`), but a long prompt costs about
 2.5 µs per block on one core, so hashing runs `chunk_blocks` at a time between `sleep(0)` yields and
 stops at `max_blocks`: other requests keep being routed while a 100K-token prompt is hashed.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from mimo.block_hash import block_hashes
+from protocol.block_hash import block_hashes
 
 
 async def hash_prompt_blocks(

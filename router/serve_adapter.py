@@ -1,9 +1,9 @@
 """The one file touching Serve's alpha `RequestRouter` API: prefix-aware routing for a handle.
 
 Each candidate's latest `routing_stats` (a `router.report` dict) is applied to a local
-`PrefixIndex` whenever Serve pushes replica updates; a request's `prompt_token_ids` and `salt`
-kwargs are hashed like the engine does, replicas are scored by `router.policy`, and the ranking is
-returned one replica per rank, so Serve takes the best one that still has room. Not FIFO: Serve's
+`PrefixIndex` whenever Serve pushes replica updates; a request's prompt and salt (its one argument,
+a `protocol.messages.GenerateRequest`) are hashed like the engine does, replicas are scored by
+`router.policy`, and the ranking is returned one replica per rank, so Serve takes the best one that still has room. Not FIFO: Serve's
 default matching hands the chosen replica to this exact request, which is what prefix affinity needs.
 
 Serve asks again while no ranked replica has room; each request is marked for Serve's exponential
@@ -24,8 +24,9 @@ from typing import Any
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
-from mimo.block_hash import root_hash
 from observability.recorder import Metrics
+from protocol.block_hash import root_hash
+from protocol.messages import GenerateRequest
 from router.hashing import hash_prompt_blocks
 from router.policy import (
     Candidate,
@@ -97,15 +98,12 @@ def load_metrics(factory_path: str) -> Metrics | None:
 
 
 def _prompt_of(pending_request: PendingRequest | None) -> tuple[Sequence[int], str | None]:
-    """`prompt_token_ids` and `salt` from the request kwargs (the gateway contract), or ([], None)."""
-    if pending_request is None:
+    """The prompt and tenant salt of the `GenerateRequest` a call carries as its one argument (the
+    attention replica's `generate`), or ([], None) for a call of another method."""
+    args = pending_request.args if pending_request is not None else ()
+    if not args or not isinstance(args[0], GenerateRequest):
         return [], None
-    kwargs = pending_request.kwargs
-    token_ids = kwargs.get("prompt_token_ids")
-    salt = kwargs.get("salt")
-    if not isinstance(token_ids, list | tuple):
-        return [], None
-    return token_ids, salt if isinstance(salt, str) else None
+    return args[0].prompt_token_ids, args[0].salt
 
 
 class PrefixAwareRequestRouter(RequestRouter):

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from mimo.model import MiMoForCausalLM
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
-from replicas.engine import Engine, GenerateRequest
+from protocol.messages import GenerateRequest
+from protocol.sampling import SamplingParams
+from replicas.engine import Engine
 from replicas.engine_config import EngineConfig
-from replicas.sampling_params import SamplingParams
 from training.data import TokenData, build_token_data
 from training.train_model import TrainSettings, cosine_lr, save
 

@@ -19,9 +19,10 @@ import torch
 
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
-from replicas.engine import Engine, GenerateRequest
+from protocol.messages import GenerateRequest
+from protocol.sampling import SamplingParams
+from replicas.engine import Engine
 from replicas.engine_config import EngineConfig
-from replicas.sampling_params import SamplingParams
 from tests.factory import random_config_dict, write_random_checkpoint
 from tests.gpu.test_cuda import DEVICE, TINY, transformers_greedy
 

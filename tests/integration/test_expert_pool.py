@@ -13,12 +13,13 @@ import ray
 
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
+from protocol.messages import GenerateRequest
+from protocol.sampling import SamplingParams
 from replicas.dispatch import ExpertDispatcher
-from replicas.engine import Engine, GenerateRequest
+from replicas.engine import Engine
 from replicas.engine_config import EngineConfig
 from replicas.expert_placement import initial_placement
 from replicas.expert_pool import ExpertPool, ShardResources
-from replicas.sampling_params import SamplingParams
 from tests.factory import random_config_dict, write_random_checkpoint
 
 pytestmark = pytest.mark.integration

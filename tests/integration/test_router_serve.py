@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
-from mimo.block_hash import block_hashes
 from observability.recorder import Metrics, PrometheusBackend
+from protocol.block_hash import block_hashes
+from protocol.messages import GenerateRequest
+from protocol.sampling import SamplingParams
 from replicas.block_pool import KVEvent
 from router.policy import RouterConfig, rendezvous_key
 from router.report import ReplicaReportBuilder
@@ -40,14 +42,14 @@ class Recorder:
         self._held: set[int] = set()
         self._num_running = 0
 
-    async def generate(
-        self, *, prompt_token_ids: list[int], salt: str | None, params: dict[str, Any], request_id: str
-    ) -> str:
+    async def generate(self, request: GenerateRequest, sleep_s: float = 0.0, dry_run: bool = False) -> str:
         self._num_running += 1
         try:
-            await asyncio.sleep(params.get("sleep_s", 0.0))
-            if not params.get("dry_run", False):
-                new = tuple(h for h in block_hashes(prompt_token_ids, B, salt) if h not in self._held)
+            await asyncio.sleep(sleep_s)
+            if not dry_run:
+                new = tuple(
+                    h for h in block_hashes(request.prompt_token_ids, B, request.salt) if h not in self._held
+                )
                 self._held.update(new)
                 self._reports.add_events([KVEvent("stored", new, "full"), KVEvent("stored", new, "swa")])
             return str(serve.get_replica_context().replica_id.unique_id)
@@ -88,8 +90,9 @@ def _total(name: str, **labels: str) -> float:
 METRICS = ("decisions", "expected_hit_tokens", "prompt_tokens")
 
 
-def _send(handle: Any, prompt: list[int], request_id: str, salt: str | None = None, **params: Any) -> Any:
-    return handle.generate.remote(prompt_token_ids=prompt, salt=salt, params=params, request_id=request_id)
+def _send(handle: Any, prompt: list[int], request_id: str, salt: str | None = None, **extra: Any) -> Any:
+    request = GenerateRequest(request_id, prompt, SamplingParams(), salt)
+    return handle.generate.remote(request, **extra)
 
 
 # Between two follow-ups, as a user's or agent's next turn: Serve tells a router that a request

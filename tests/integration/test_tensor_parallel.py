@@ -17,9 +17,10 @@ from cluster.cli import EMBEDDED_MODEL
 from mimo.model import DecoderLayer, MiMoForCausalLM
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
-from replicas.engine import Engine, GenerateRequest
+from protocol.messages import GenerateRequest
+from protocol.sampling import SamplingParams
+from replicas.engine import Engine
 from replicas.engine_config import EngineConfig
-from replicas.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.integration
 PROMPTS = [[5, 6, 7], list(range(10, 50)), [9] * 17]

@@ -9,10 +9,11 @@ import pytest
 
 from mimo.generate import SamplingParams as PlainParams
 from mimo.generate import generate
+from protocol.messages import Chunk, GenerateRequest
+from protocol.sampling import SamplingParams
 from replicas.async_engine import AsyncEngine
-from replicas.engine import Chunk, Engine, GenerateRequest, InvalidRequest
+from replicas.engine import Engine, InvalidRequest
 from replicas.engine_config import EngineConfig
-from replicas.sampling_params import SamplingParams
 from tests.unit.test_engine import NEW_TOKENS, _greedy, _model, _reference, _tokenizer
 
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mimo import block_hash
-from mimo.block_hash import block_hashes, hash_block, next_block_hashes, root_hash
+from protocol import block_hash
+from protocol.block_hash import block_hashes, hash_block, next_block_hashes, root_hash
 
 
 def test_pinned_values() -> None:
@@ -89,7 +89,7 @@ def test_bad_arguments() -> None:
 
 def test_same_value_in_another_process_with_another_hash_seed() -> None:
     """Catches use of Python's salted `hash()`: router and engine run in different processes."""
-    code = "from mimo.block_hash import block_hashes; print(block_hashes(list(range(9)), 4, 'x'))"
+    code = "from protocol.block_hash import block_hashes; print(block_hashes(list(range(9)), 4, 'x'))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.strip() == str(block_hashes(list(range(9)), 4, "x"))

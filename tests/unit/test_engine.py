@@ -16,9 +16,10 @@ from mimo.generate import SamplingParams as PlainParams
 from mimo.generate import generate
 from mimo.model import MiMoForCausalLM
 from mimo.tokenizer import Tokenizer
-from replicas.engine import Engine, GenerateRequest, InvalidRequest
+from protocol.messages import GenerateRequest
+from protocol.sampling import SamplingParams
+from replicas.engine import Engine, InvalidRequest
 from replicas.engine_config import EngineConfig
-from replicas.sampling_params import SamplingParams
 from tests.factory import random_config_dict, random_model
 
 NEW_TOKENS = 10

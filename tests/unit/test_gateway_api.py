@@ -16,10 +16,11 @@ from cluster.local_server import LocalServer
 from gateway.config import GatewayConfig
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
+from protocol.messages import GenerateRequest
+from protocol.sampling import SamplingParams
 from replicas.async_engine import AsyncEngine
-from replicas.engine import Engine, GenerateRequest
+from replicas.engine import Engine
 from replicas.engine_config import EngineConfig
-from replicas.sampling_params import SamplingParams
 from training.tool_scenarios import TOOL_SCHEMAS
 
 TINY = Path(__file__).resolve().parents[2] / "checkpoints" / "mimo-tiny"

@@ -18,10 +18,11 @@ from starlette.testclient import TestClient
 from cluster.local_server import LocalServer
 from gateway.api import build_app
 from gateway.config import GatewayConfig
-from gateway.engine_client import EngineClient, GenerationChunk
+from gateway.engine_client import EngineClient
 from gateway.reasoning import ReasoningStream
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
+from protocol.messages import Chunk, GenerateRequest
 from replicas.async_engine import AsyncEngine
 from replicas.engine import Engine
 from replicas.engine_config import EngineConfig
@@ -207,9 +208,7 @@ def test_unsupported_content_parts_are_refused(url: str) -> None:
 class _BrokenClient(EngineClient):
     """An engine client with a bug: raises an unexpected exception."""
 
-    def generate(
-        self, *, prompt_token_ids: list[int], salt: str | None, params: dict[str, Any], request_id: str
-    ) -> AsyncIterator[GenerationChunk]:
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         raise RuntimeError("a bug")
 
     async def is_ready(self) -> bool:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mimo.block_hash import block_hashes
+from protocol.block_hash import block_hashes
 from replicas.block_pool import BlockPool, KVEvent, PoolUsage
 from replicas.kv_cache import KVCacheManager
 from replicas.kv_layout import KVLayout, plan_layout, swa_blocks_per_seq

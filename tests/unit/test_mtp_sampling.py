@@ -11,9 +11,10 @@ import torch
 from cluster.cli import EMBEDDED_MODEL
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
-from replicas.engine import Engine, GenerateRequest
+from protocol.messages import GenerateRequest
+from protocol.sampling import SamplingParams
+from replicas.engine import Engine
 from replicas.engine_config import EngineConfig
-from replicas.sampling_params import SamplingParams
 
 NUM_SAMPLES = 1200
 

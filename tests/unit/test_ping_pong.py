@@ -11,12 +11,13 @@ import torch
 from cluster.cli import EMBEDDED_MODEL
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
+from protocol.messages import GenerateRequest
+from protocol.sampling import SamplingParams
 from replicas.dispatch import ExpertDispatcher, ExpertTransport, ShardMessage
-from replicas.engine import Engine, GenerateRequest
+from replicas.engine import Engine
 from replicas.engine_config import EngineConfig
 from replicas.expert_placement import initial_placement
 from replicas.expert_shard import ExpertShard
-from replicas.sampling_params import SamplingParams
 from replicas.transport_local import InProcessTransport
 from tests.factory import random_config_dict, write_random_checkpoint
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mimo.block_hash import block_hashes
+from protocol.block_hash import block_hashes
 from replicas.block_pool import KVEvent
 from replicas.kv_cache import KVCacheManager
 from replicas.kv_layout import KVLayout

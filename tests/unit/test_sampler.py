@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from protocol.sampling import SamplingParams
 from replicas.sampler import (
     RowState,
     exponential_race,
@@ -14,7 +15,6 @@ from replicas.sampler import (
     processed_probs_batch,
     sample,
 )
-from replicas.sampling_params import SamplingParams
 
 NEG_INF = float("-inf")
 

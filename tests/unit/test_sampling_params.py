@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from replicas.sampling_params import InvalidSamplingParameter, SamplingParams
+from protocol.sampling import InvalidSamplingParameter, SamplingParams
 
 VOCAB = 100
 

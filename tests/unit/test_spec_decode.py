@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from protocol.sampling import SamplingParams
 from replicas.sampler import RowState, make_generator, processed_probs
-from replicas.sampling_params import SamplingParams
 from replicas.spec_decode import accept_drafts, build_target_probs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
