@@ -18,6 +18,7 @@ from cluster.request_metrics import RequestTimer, TTFTWindow, record_finished
 from cluster.spec import ClusterSpec
 from gateway.engine_client import EngineError
 from protocol.messages import Chunk, GenerateRequest, Refusal
+from protocol.report import ReplicaReport, routing_stats
 
 if TYPE_CHECKING:
     from replicas.dispatch import ExpertDispatcher
@@ -110,14 +111,15 @@ class AttentionDeployment:
         finally:
             await stream.aclose()
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    def record_routing_stats(self) -> dict[str, ReplicaReport]:
         snap = self.engine.snapshot()
         self.report.add_events(self.engine.drain_kv_events())
-        return self.report.build(
+        report = self.report.build(
             num_running=snap.num_running,
             num_waiting=snap.num_waiting,
             kv_usage=snap.kv_usage.get("full", 0.0),
         )
+        return routing_stats(report)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """What the application autoscaling policy reads (cluster.metrics_source STAT_* keys)."""

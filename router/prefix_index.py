@@ -10,11 +10,10 @@ routed add short-lived guesses until the replica's events confirm or evict them.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from router.report import REPORT_FORMAT, ReplicaReport, parse_report
+from protocol.report import ReplicaReport
 
 
 @dataclass(frozen=True)
@@ -68,16 +67,14 @@ class PrefixIndex:
     def replica_ids(self) -> list[str]:
         return sorted(self._views)
 
-    def apply_report(self, replica_id: str, data: Mapping[str, Any] | None, now: float) -> bool:
-        """Bring the view up to the report in `data` (a routing-stats dict); True if it was new."""
+    def apply_report(self, replica_id: str, report: ReplicaReport | None, now: float) -> bool:
+        """Bring the view up to `report` (None: the replica has none yet); True if it was new."""
         view = self._views.setdefault(replica_id, _View())
-        if not data or data.get("format") != REPORT_FORMAT:
+        if report is None:
             return False
-        last = view.report  # compare before parsing: most calls carry a report already applied
-        if last is not None and last.epoch == data["epoch"] and last.report_seq >= int(data["report_seq"]):
+        last = view.report
+        if last is not None and last.epoch == report.epoch and last.report_seq >= report.report_seq:
             return False  # seen already (or delivered out of order)
-        report = parse_report(data)
-        assert report is not None
         view.report, view.received_at = report, now
         view.is_compatible = report.block_size == self.block_size
         if report.epoch != view.epoch:

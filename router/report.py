@@ -1,28 +1,23 @@
-"""What an attention replica publishes for routers: its KV block events as a numbered log, and load.
+"""Builds the `protocol.report.ReplicaReport`s an attention replica publishes for routers, from the
+engine's KV block events.
 
 Serve hands each router only the latest report, polled at times the replica does not control, so
-the report is built for routers that missed some: every event run carries a sequence number, the
-last few reports' events are retained, a full snapshot of held hashes rides along when a router
-may be behind the window, and an epoch (new per builder) tells routers a restarted replica holds
-nothing. Hashes travel as base64 of packed little-endian uint64 (cheap to pack, parse and hash).
+the builder numbers every event run, keeps the last few reports' events, adds a snapshot of the
+held hashes when a router may be behind that log, and starts a new epoch per builder (a restarted
+replica holds nothing).
 """
 
 from __future__ import annotations
 
-import base64
-import sys
 import threading
 import time
 import uuid
-from array import array
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Protocol
 
-REPORT_FORMAT = 1
-PoolName = Literal["full", "swa"]
-EventKind = Literal["stored", "removed"]
+from protocol.report import EventKind, LogEvent, PoolName, ReplicaReport, Snapshot, pack_hashes
 
 
 class KVEventLike(Protocol):
@@ -34,87 +29,6 @@ class KVEventLike(Protocol):
     def block_hashes(self) -> tuple[int, ...]: ...
     @property
     def pool(self) -> str: ...
-
-
-def encode_hashes(hashes: Iterable[int]) -> str:
-    packed = array("Q", hashes)
-    if sys.byteorder != "little":
-        packed.byteswap()
-    return base64.b64encode(packed.tobytes()).decode("ascii")
-
-
-def decode_hashes(text: str) -> array[int]:
-    packed = array("Q")
-    packed.frombytes(base64.b64decode(text))
-    if sys.byteorder != "little":
-        packed.byteswap()
-    return packed
-
-
-@dataclass(frozen=True)
-class LogEvent:
-    seq: int  # 1, 2, ... within an epoch: one event run each
-    kind: EventKind
-    pool: PoolName
-    hashes: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The held sets after every event up to and including `seq`, still encoded: a router in sync
-    never decodes it (tens of thousands of hashes), one behind the log does."""
-
-    seq: int
-    full: str
-    swa: str
-
-    def decode(self) -> tuple[set[int], set[int]]:
-        return set(decode_hashes(self.full)), set(decode_hashes(self.swa))
-
-
-@dataclass(frozen=True)
-class ReplicaReport:
-    """A parsed report. Events with seq in [log_start, log_end] are all in `events`, in order."""
-
-    epoch: str
-    report_seq: int
-    recorded_at: float  # the replica's wall clock (informational; freshness uses receive time)
-    block_size: int
-    window: int  # SWA window in tokens, as in `KVLayout.window`
-    num_running: int
-    num_waiting: int
-    kv_usage: float  # 0..1
-    log_start: int
-    log_end: int  # last seq assigned; 0 before any event
-    events: tuple[LogEvent, ...]
-    snapshot: Snapshot | None
-
-
-def parse_report(data: Mapping[str, Any]) -> ReplicaReport | None:
-    """The report in `data`, or None when it is not one (an empty or foreign routing-stats dict)."""
-    if data.get("format") != REPORT_FORMAT:
-        return None
-    events = tuple(
-        LogEvent(int(seq), kind, pool, tuple(decode_hashes(text))) for seq, kind, pool, text in data["events"]
-    )
-    snapshot_data = data.get("snapshot")
-    snapshot = None
-    if snapshot_data is not None:
-        snapshot = Snapshot(int(snapshot_data["seq"]), str(snapshot_data["full"]), str(snapshot_data["swa"]))
-    return ReplicaReport(
-        epoch=str(data["epoch"]),
-        report_seq=int(data["report_seq"]),
-        recorded_at=float(data["recorded_at"]),
-        block_size=int(data["block_size"]),
-        window=int(data["window"]),
-        num_running=int(data["num_running"]),
-        num_waiting=int(data["num_waiting"]),
-        kv_usage=float(data["kv_usage"]),
-        log_start=int(data["log_start"]),
-        log_end=int(data["log_end"]),
-        events=events,
-        snapshot=snapshot,
-    )
 
 
 @dataclass(frozen=True)
@@ -137,7 +51,7 @@ class ReportConfig:
 
 
 class ReplicaReportBuilder:
-    """Fed the engine's drained KV events; `build(load)` returns the JSON-able routing-stats dict.
+    """Fed the engine's drained KV events; `build(load)` returns the next report.
 
     Thread-safe (one lock): events may come from the engine thread, reports from the replica's loop.
     """
@@ -189,7 +103,7 @@ class ReplicaReportBuilder:
         with self._lock:
             return len(self._held[pool])
 
-    def build(self, num_running: int, num_waiting: int, kv_usage: float) -> dict[str, Any]:
+    def build(self, num_running: int, num_waiting: int, kv_usage: float) -> ReplicaReport:
         with self._lock:
             self._report_seq += 1
             self._trim_log()
@@ -204,26 +118,22 @@ class ReplicaReportBuilder:
             )
             snapshot = None
             if wants_snapshot:
-                snapshot = {
-                    "seq": self._last_seq,
-                    "full": encode_hashes(self._held["full"]),
-                    "swa": encode_hashes(self._held["swa"]),
-                }
-            report = {
-                "format": REPORT_FORMAT,
-                "epoch": self.epoch,
-                "report_seq": self._report_seq,
-                "recorded_at": self._clock(),
-                "block_size": self.block_size,
-                "window": self.window,
-                "num_running": int(num_running),
-                "num_waiting": int(num_waiting),
-                "kv_usage": float(kv_usage),
-                "log_start": log_start,
-                "log_end": self._last_seq,
-                "events": [[e.seq, e.kind, e.pool, encode_hashes(e.hashes)] for _, e in self._log],
-                "snapshot": snapshot,
-            }
+                full, swa = pack_hashes(self._held["full"]), pack_hashes(self._held["swa"])
+                snapshot = Snapshot(self._last_seq, full, swa)
+            report = ReplicaReport(
+                epoch=self.epoch,
+                report_seq=self._report_seq,
+                recorded_at=self._clock(),
+                block_size=self.block_size,
+                window=self.window,
+                num_running=int(num_running),
+                num_waiting=int(num_waiting),
+                kv_usage=float(kv_usage),
+                log_start=log_start,
+                log_end=self._last_seq,
+                events=tuple(e for _, e in self._log),
+                snapshot=snapshot,
+            )
             self._last_reported_seq = self._last_seq
             return report
 

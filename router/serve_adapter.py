@@ -1,6 +1,6 @@
 """The one file touching Serve's alpha `RequestRouter` API: prefix-aware routing for a handle.
 
-Each candidate's latest `routing_stats` (a `router.report` dict) is applied to a local
+Each candidate's latest report (`protocol.report.ReplicaReport`, in Serve's routing stats) is applied to a local
 `PrefixIndex` whenever Serve pushes replica updates; a request's prompt and salt (its one argument,
 a `protocol.messages.GenerateRequest`) are hashed like the engine does, replicas are scored by
 `router.policy`, and the ranking is returned one replica per rank, so Serve takes the best one that still has room. Not FIFO: Serve's
@@ -27,6 +27,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, R
 from observability.recorder import Metrics
 from protocol.block_hash import root_hash
 from protocol.messages import GenerateRequest
+from protocol.report import report_in
 from router.hashing import hash_prompt_blocks
 from router.policy import (
     Candidate,
@@ -231,7 +232,7 @@ class PrefixAwareRequestRouter(RequestRouter):
     def _apply_reports(self, replicas: Sequence[RunningReplica]) -> None:
         now = time.monotonic()
         for replica in replicas:
-            self.index.apply_report(replica.replica_id.unique_id, replica.routing_stats, now)
+            self.index.apply_report(replica.replica_id.unique_id, report_in(replica.routing_stats), now)
 
     async def _candidates(
         self, replicas: Sequence[RunningReplica], hashes: Sequence[int], num_tokens: int

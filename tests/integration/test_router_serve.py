@@ -17,6 +17,7 @@ import pytest
 from observability.recorder import Metrics, PrometheusBackend
 from protocol.block_hash import block_hashes
 from protocol.messages import GenerateRequest
+from protocol.report import ReplicaReport, routing_stats
 from protocol.sampling import SamplingParams
 from replicas.block_pool import KVEvent
 from router.policy import RouterConfig, rendezvous_key
@@ -56,8 +57,8 @@ class Recorder:
         finally:
             self._num_running -= 1
 
-    def record_routing_stats(self) -> dict[str, Any]:
-        return self._reports.build(self._num_running, 0, len(self._held) / 1000)
+    def record_routing_stats(self) -> dict[str, ReplicaReport]:
+        return routing_stats(self._reports.build(self._num_running, 0, len(self._held) / 1000))
 
 
 PrefixRecorder = serve.deployment(

@@ -7,6 +7,7 @@ import asyncio
 import random
 
 from protocol.block_hash import block_hashes
+from protocol.report import ReplicaReport
 from replicas.block_pool import KVEvent
 from replicas.kv_cache import KVCacheManager
 from replicas.kv_layout import KVLayout
@@ -32,7 +33,7 @@ def builder(
     return ReplicaReportBuilder(block_size=B, window=window, config=config, epoch=epoch)
 
 
-def report(b: ReplicaReportBuilder) -> dict[str, object]:
+def report(b: ReplicaReportBuilder) -> ReplicaReport:
     return b.build(num_running=1, num_waiting=0, kv_usage=0.5)
 
 
