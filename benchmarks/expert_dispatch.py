@@ -86,10 +86,8 @@ def layer_us(dispatcher: ExpertDispatcher, moe: MoE, rows: int, iters: int) -> f
 
 def decode_tok_s(dispatcher: ExpertDispatcher | None, num_seqs: int = 8) -> float:
     model = load_model(CKPT, experts="all" if dispatcher is None else "none")
-    engine = Engine(
-        model, Tokenizer.from_dir(TINY), EngineConfig(max_model_len=512, kv_cache_bytes=64 * 2**20)
-    )
-    engine.runner.paged.dispatcher = dispatcher
+    config = EngineConfig(max_model_len=512, kv_cache_bytes=64 * 2**20)
+    engine = Engine(model, Tokenizer.from_dir(TINY), config, dispatcher)
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     requests = [GenerateRequest(f"r{i}", list(range(10 + i, 42 + i)), params) for i in range(num_seqs)]
     start = time.perf_counter()

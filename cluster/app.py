@@ -82,12 +82,11 @@ def fit_to_machine(spec: ClusterSpec, num_cpus: float) -> ClusterSpec:
 def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | None = None) -> Application:
     """`request_router` replaces the router the spec describes (benchmarks plug peers' routers in)."""
     check_engine_fits(spec)
-    data = spec.model_dump(mode="json")
     pool = None
     if spec.experts.transport == "ray":
         pool = serve.deployment(name="ExpertPool", num_replicas=1, ray_actor_options={"num_cpus": 0})(
             ExpertPoolDeployment
-        ).bind(data)
+        ).bind(spec)
     a = spec.attention
     scaling: dict[str, Any] = (
         {"autoscaling_config": attention_autoscaling_config(spec)}
@@ -105,23 +104,23 @@ def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | N
         request_router_config=request_router or _router_config(spec),
     )
     attention = (
-        attention_options(serve.ingress()(DirectAttentionDeployment)).bind(data, pool, limits)
+        attention_options(serve.ingress()(DirectAttentionDeployment)).bind(spec, pool, limits)
         if direct
-        else attention_options(AttentionDeployment).bind(data, pool)
+        else attention_options(AttentionDeployment).bind(spec, pool)
     )
     if direct:  # HAProxy asks the chooser, then sends the request to that replica's own API
         chooser = serve.deployment(
             name=ROUTE_CHOOSER,
             max_ongoing_requests=spec.gateway.max_pending_requests,
             ray_actor_options={"num_cpus": 0},
-        )(RouteChooser).bind(data, attention)
+        )(RouteChooser).bind(spec, attention)
         return attention._with_ingress_request_router(chooser)  # Ray Serve LLM's direct streaming hook
     gateway = serve.deployment(
         name="Gateway",
         num_replicas=spec.gateway.num_replicas,
         max_ongoing_requests=spec.gateway.max_pending_requests,
         ray_actor_options={"num_cpus": 0},
-    )(serve.ingress()(GatewayDeployment)).bind(data, attention, pool, limits)
+    )(serve.ingress()(GatewayDeployment)).bind(spec, attention, pool, limits)
     return gateway
 
 

@@ -21,7 +21,7 @@ from protocol.messages import Chunk, GenerateRequest, Refusal
 from protocol.report import ReplicaReport, routing_stats
 
 if TYPE_CHECKING:
-    from replicas.dispatch import ExpertDispatcher
+    from replicas.placement_switch import PlacementUpdate, ReplicaSwitch
     from replicas.timed_transport import TimedTransport
 
 REPORT_PERIOD_S = 1.0
@@ -47,7 +47,7 @@ def engine_config(spec: ClusterSpec) -> Any:
 
 
 class AttentionDeployment:
-    async def __init__(self, spec: dict[str, Any], pool: DeploymentHandle | None) -> None:  # type: ignore[misc]
+    async def __init__(self, spec: ClusterSpec, pool: DeploymentHandle | None) -> None:  # type: ignore[misc]
         import torch
 
         from mimo.device import device_for_gpus
@@ -56,27 +56,30 @@ class AttentionDeployment:
         from replicas.async_engine import AsyncEngine
         from replicas.dispatch import ExpertDispatcher
         from replicas.engine import Engine
-        from replicas.expert_pool import RayTransport
+        from replicas.placement_switch import ReplicaSwitch
         from replicas.timed_transport import TimedTransport
+        from replicas.transport_ray import RayTransport
         from router.report import ReplicaReportBuilder
 
-        self.spec = ClusterSpec.model_validate(spec)
+        self.spec = spec
         torch.set_num_threads(self.spec.engine.threads)
         dtype = getattr(torch, self.spec.model.dtype)
         device = device_for_gpus(self.spec.attention.num_gpus)
         model = load_model(
             self.spec.model.path, dtype=dtype, device=device, experts="none" if pool else "all"
         )
-        engine = Engine(model, Tokenizer.from_dir(self.spec.model.path), engine_config(self.spec))
         self.pool = pool
-        self.dispatcher: ExpertDispatcher | None = None
         self.transport: TimedTransport | None = None
-        self.placement_version = 0
+        self.switch: ReplicaSwitch | None = None  # EPLB: follows the pool's placement
+        dispatcher = None
         if pool is not None:
-            actors, placement, num_experts, self.placement_version = await pool.current.remote()
-            self.transport = TimedTransport(RayTransport(actors))
-            self.dispatcher = ExpertDispatcher(self.transport, placement, num_experts)
-            engine.runner.paged.dispatcher = self.dispatcher
+            start: PlacementUpdate = await pool.current.remote()
+            ray_transport = RayTransport(start.actors)
+            self.transport = TimedTransport(ray_transport)
+            dispatcher = ExpertDispatcher(self.transport, start.placement, start.num_experts)
+            self.switch = ReplicaSwitch(ray_transport, dispatcher, start.version)
+        tokenizer = Tokenizer.from_dir(self.spec.model.path)
+        engine = Engine(model, tokenizer, engine_config(self.spec), dispatcher)
         self.engine = AsyncEngine(engine, self.spec.engine.stream_interval_ms / 1000)
         self.max_streams = self.spec.engine.max_num_seqs + self.spec.engine.max_queued_requests
         layout = engine.kv_cache.layout
@@ -155,25 +158,16 @@ class AttentionDeployment:
             await asyncio.sleep(REPORT_PERIOD_S)
 
     async def _sync_placement(self) -> None:
-        """EPLB: switch to the pool's newer placement (atomically, between layer calls); the next
+        """EPLB (`replicas.placement_switch`, step 2): switch to the pool's newer placement; the next
         sync reports the new version, which is the pool's signal that old copies may go."""
-        if self.pool is None or self.dispatcher is None:
+        if self.pool is None or self.switch is None:
             return
         try:
-            update = await self.pool.sync.remote(self.replica_id, self.placement_version)
+            update: PlacementUpdate | None = await self.pool.sync.remote(self.replica_id, self.switch.version)
         except Exception:  # the pool restarting: keep routing by the placement we have
             return
         if update is not None:
-            version, placement, actors = update
-            assert self.transport is not None
-            old = self.transport.inner.actors  # type: ignore[attr-defined]
-            # grow the actor list before the table that uses new shards; ids past the new pool keep
-            # their old handles, which no new table references (a call in flight may still)
-            self.transport.inner.actors = list(actors) + old[len(actors) :]  # type: ignore[attr-defined]
-            self.dispatcher.set_placement(placement)
-            # acknowledge (next sync) only once no call routed by the old table is in flight
-            if await asyncio.to_thread(self.dispatcher.wait_for_old_calls):
-                self.placement_version = version
+            await asyncio.to_thread(self.switch.apply, update)
 
     def check_health(self) -> None:
         if not self.engine.is_alive():

@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.attention_deployment import AttentionDeployment
 from cluster.gateway_deployment import api_limits, gateway_config, is_app_ready
 from cluster.metrics_ray import ray_metrics
+from cluster.spec import ClusterSpec
 from gateway.engine_client import EngineClient
 from protocol.messages import Chunk, GenerateRequest
 
@@ -41,7 +42,7 @@ class DirectAttentionDeployment(AttentionDeployment):
     once the engine is up."""
 
     async def __init__(  # type: ignore[misc]
-        self, spec: dict[str, Any], pool: DeploymentHandle | None, limits: DeploymentHandle | None
+        self, spec: ClusterSpec, pool: DeploymentHandle | None, limits: DeploymentHandle | None
     ) -> None:
         await super().__init__(spec, pool)
         self.limits = limits

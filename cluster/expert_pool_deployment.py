@@ -15,12 +15,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.autoscaling import ExpertSnapshot, PoolState, decide_experts
 from cluster.autoscaling_policy import scaling_config
 from cluster.metrics_ray import ray_metrics
 from cluster.spec import ClusterSpec
+
+if TYPE_CHECKING:  # the replicas package (torch) loads in the deployment's process, not at import
+    from replicas.expert_placement import ExpertPlacement
+    from replicas.placement_switch import PlacementUpdate
 
 STATS_PERIOD_S = 2.0
 LIVE_REPLICA_S = 10.0  # an attention replica not heard from for this long no longer holds a switch
@@ -29,12 +33,12 @@ FINALIZE_GRACE_S = 1.0  # a layer call that read the old table just before the s
 
 
 class ExpertPoolDeployment:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: ClusterSpec) -> None:
         from mimo.config import MiMoConfig
         from replicas.expert_placement import LoadTracker, initial_placement
         from replicas.expert_pool import ExpertPool, ShardResources
 
-        self.spec = ClusterSpec.model_validate(spec)
+        self.spec = spec
         config = MiMoConfig.from_file(f"{self.spec.model.path}/config.json")
         self.moe_layers = [i for i, is_moe in enumerate(config.is_moe_layer) if is_moe]
         self.num_experts = config.num_experts
@@ -59,16 +63,21 @@ class ExpertPoolDeployment:
         self._stats_task: asyncio.Task[None] | None = None
         self._last_rebalance_s = time.monotonic()
 
-    async def current(self) -> tuple[list[Any], Any, int, int]:
-        """Shard actor handles, the current placement, the number of experts, its version."""
+    async def current(self) -> PlacementUpdate:
+        """The placement an attention replica starts with."""
         self._start_stats()
-        return self.actors, self.placement, self.num_experts, self.version
+        return self._update()
 
-    async def sync(self, replica_id: str, version: int) -> tuple[int, Any, list[Any]] | None:
-        """Called by each attention replica with the placement version it routes by; returns a newer
-        (version, placement, shard actors) to switch to, or None."""
+    async def sync(self, replica_id: str, version: int) -> PlacementUpdate | None:
+        """Called by each attention replica with the placement version it routes by (its
+        acknowledgement); returns a newer placement to switch to, or None."""
         self.seen[replica_id] = (version, time.monotonic())
-        return None if version == self.version else (self.version, self.placement, self.actors)
+        return None if version == self.version else self._update()
+
+    def _update(self) -> PlacementUpdate:
+        from replicas.placement_switch import PlacementUpdate
+
+        return PlacementUpdate(self.version, self.placement, tuple(self.actors), self.num_experts)
 
     async def is_ready(self) -> bool:
         self._start_stats()
@@ -186,12 +195,14 @@ class ExpertPoolDeployment:
 
                     ray.kill(old_actors[shard])
 
-    async def _switch(self, new: Any, actors: list[Any]) -> bool:
-        """Loads `new` on `actors` beside traffic, publishes it, waits for every live attention
-        replica to route by it, then drops what moved away. False (nothing dropped) on a timeout."""
+    async def _switch(self, new: ExpertPlacement, actors: list[Any]) -> bool:
+        """The pool's side of `replicas.placement_switch`: loads `new` on `actors` beside traffic,
+        publishes it, waits for every live attention replica to route by it, then drops what moved
+        away. False (nothing dropped) on a timeout."""
+        from replicas.placement_switch import finalize_calls, prepare_calls
+
         async with self._change:
-            keys = [new.experts_of_shard(s) for s in range(new.num_shards)]
-            await asyncio.gather(*(a.prepare.remote(k) for a, k in zip(actors, keys, strict=True)))
+            await asyncio.gather(*prepare_calls(actors, new))
             self.placement, self.actors, self.version = new, actors, self.version + 1
             deadline = time.monotonic() + SWITCH_TIMEOUT_S
             while time.monotonic() < deadline and self._lagging():
@@ -199,7 +210,7 @@ class ExpertPoolDeployment:
             if self._lagging():  # keep old + new loaded: a lagging replica still finds its experts
                 return False
             await asyncio.sleep(FINALIZE_GRACE_S)
-            await asyncio.gather(*(a.finalize.remote(k) for a, k in zip(actors, keys, strict=True)))
+            await asyncio.gather(*finalize_calls(actors, new))
             return True
 
     def _lagging(self) -> bool:

@@ -73,12 +73,12 @@ def api_limits(config: GatewayConfig, store: DeploymentHandle | None) -> Limits:
 class GatewayDeployment:
     def __init__(
         self,
-        spec: dict[str, Any],
+        spec: ClusterSpec,
         attention: DeploymentHandle,
         pool: DeploymentHandle | None,
         limits: DeploymentHandle | None,
     ) -> None:
-        self.spec = ClusterSpec.model_validate(spec)
+        self.spec = spec
         self.attention = attention
         self.pool = pool
         self.limits = limits

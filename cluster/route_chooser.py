@@ -30,10 +30,10 @@ route_app = FastAPI()
 
 @serve.ingress(route_app)
 class RouteChooser:
-    def __init__(self, spec: dict[str, Any], attention: DeploymentHandle) -> None:
+    def __init__(self, spec: ClusterSpec, attention: DeploymentHandle) -> None:
         from mimo.tokenizer import Tokenizer
 
-        self.spec = ClusterSpec.model_validate(spec)
+        self.spec = spec
         self.tokenizer = Tokenizer.from_dir(self.spec.model.path)
         self.attention = attention
         self.keyed = self.spec.gateway.api_keys_file is not None  # else every tenant shares the cache

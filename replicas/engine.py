@@ -18,6 +18,7 @@ from mimo.model import MiMoForCausalLM
 from mimo.tokenizer import IncrementalDetokenizer, Tokenizer
 from protocol.messages import Chunk, GenerateRequest, TokenLogprobs, Usage
 from protocol.sampling import InvalidSamplingParameter
+from replicas.dispatch import ExpertDispatcher
 from replicas.engine_config import EngineConfig, build_layout
 from replicas.kv_cache import KVCacheManager
 from replicas.requests import EngineRequest, RequestUpdate
@@ -50,7 +51,13 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, model: MiMoForCausalLM, tokenizer: Tokenizer, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        model: MiMoForCausalLM,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        dispatcher: ExpertDispatcher | None = None,  # None: the model's own experts run in process
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.model_config = model.config
@@ -70,7 +77,7 @@ class Engine:
             ),
             self.kv_cache,
         )
-        self.runner = ModelRunner(model, layout, config.num_mtp_drafts, config.max_draft_batch)
+        self.runner = ModelRunner(model, layout, config.num_mtp_drafts, config.max_draft_batch, dispatcher)
         self.device = self.runner.paged.device
         self._live: dict[str, _Live] = {}
         self.stats = {"drafts": 0, "drafted_tokens": 0, "accepted_draft_tokens": 0, "steps": 0}

@@ -34,10 +34,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mimo.device import device_for_gpus
 from replicas.cpu_policy import run_as_batch_worker
-from replicas.dispatch import ExpertDispatcher, ExpertTransport, ShardMessage
+from replicas.dispatch import ExpertDispatcher
 from replicas.expert_placement import ExpertKey, ExpertPlacement
 from replicas.expert_shard import ExpertShard
-from replicas.wire import pack, unpack
+from replicas.transport_ray import RayTransport
+from replicas.wire import unpack
 
 # Zero-copy torch tensors through the object store; idle OpenMP threads sleep rather than spin.
 WORKER_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -130,16 +131,13 @@ class ExpertPool:
         return RayTransport(self.actors)
 
     def move_to(self, placement: ExpertPlacement, dispatchers: list[ExpertDispatcher]) -> int:
-        """Moves the pool to `placement` while traffic runs: load (old + new held), switch every
-        dispatcher's table atomically, then drop what moved away. Returns experts loaded."""
-        keys = [placement.experts_of_shard(s) for s in range(len(self.actors))]
-        loaded = sum(ray.get([a.prepare.remote(k) for a, k in zip(self.actors, keys, strict=True)]))
-        for dispatcher in dispatchers:
-            dispatcher.set_placement(placement)
-        for dispatcher in dispatchers:  # calls routed by the old table still need its experts
-            if not dispatcher.wait_for_old_calls():
-                raise TimeoutError("a dispatcher kept a call on the old placement for 30 s")
-        ray.get([a.finalize.remote(k) for a, k in zip(self.actors, keys, strict=True)])
+        """Moves the pool to `placement` while traffic runs, with dispatchers in this process (the
+        three steps of `replicas.placement_switch`). Returns experts loaded."""
+        from replicas.placement_switch import finalize_calls, prepare_calls, switch_in_process
+
+        loaded = sum(ray.get(prepare_calls(self.actors, placement)))
+        switch_in_process(dispatchers, placement)
+        ray.get(finalize_calls(self.actors, placement))
         return int(loaded)
 
     def drain_stats(self) -> list[dict[str, object]]:
@@ -178,22 +176,3 @@ def start_shard(
         )
         .remote(str(path), keys, dtype, resources.threads, resources.num_gpus)
     )
-
-
-class RayTransport(ExpertTransport):
-    is_async = True  # actor calls return futures; shards compute while the caller runs on
-
-    def __init__(self, actors: list[Any]) -> None:
-        self.actors = actors
-
-    def send(self, layer: int, messages: list[ShardMessage]) -> object:
-        return [
-            self.actors[m.shard].compute_packed.remote(layer, pack(m.x, m.expert_ids, m.weights).numpy())
-            for m in messages
-        ]
-
-    def wait(self, handle: object) -> list[torch.Tensor]:
-        assert isinstance(handle, list)
-        arrays: list[np.ndarray] = ray.get(handle)
-        # results come back as read-only views of the object store: copy (small) before torch uses them
-        return [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]

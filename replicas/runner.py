@@ -14,6 +14,7 @@ import torch
 
 from mimo.model import MiMoForCausalLM
 from protocol.messages import TokenLogprobs
+from replicas.dispatch import ExpertDispatcher
 from replicas.kv_layout import KVLayout
 from replicas.mtp import DraftItem, MTPDrafter, MTPState
 from replicas.paged_model import PagedModel, SeqInput
@@ -29,9 +30,15 @@ class ModelRunner:
         layout: KVLayout,
         num_mtp_drafts: int = 0,
         max_draft_batch: int | None = None,  # see EngineConfig.max_draft_batch
+        dispatcher: ExpertDispatcher | None = None,  # None: experts run inside the model
     ) -> None:
         self.paged = PagedModel(
-            model, layout.num_full_blocks, layout.num_swa_blocks, layout.block_size, num_mtp_drafts
+            model,
+            layout.num_full_blocks,
+            layout.num_swa_blocks,
+            layout.block_size,
+            num_mtp_drafts,
+            dispatcher,
         )
         self.drafter = MTPDrafter(self.paged, num_mtp_drafts) if num_mtp_drafts > 0 else None
         self.max_draft_batch = max_draft_batch

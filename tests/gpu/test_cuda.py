@@ -72,13 +72,19 @@ def _prompts() -> list[list[int]]:
     return [*prompts, story, story[:500] + tok.encode(" and then")]
 
 
-def _engine(model: MiMoForCausalLM, drafts: int, kv_mib: float = 64, max_model_len: int = 2048) -> Engine:
+def _engine(
+    model: MiMoForCausalLM,
+    drafts: int,
+    kv_mib: float = 64,
+    max_model_len: int = 2048,
+    dispatcher: ExpertDispatcher | None = None,
+) -> Engine:
     config = EngineConfig(
         num_mtp_drafts=drafts, kv_cache_bytes=int(kv_mib * 2**20), max_model_len=max_model_len,
         max_num_batched_tokens=512, max_prefill_chunk=256, block_size=16,
         kv_dtype_bytes=model.lm_head.weight.element_size(),
     )  # fmt: skip
-    return Engine(model, _tokenizer(), config)
+    return Engine(model, _tokenizer(), config, dispatcher)
 
 
 def _greedy_tokens(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
@@ -190,10 +196,8 @@ def test_expert_shards_on_cuda_behind_the_dispatcher_equal_the_whole_model(num_s
     placement = initial_placement(moe_layers, config.num_experts, num_shards)
     shards = [ExpertShard.load(TINY, placement.experts_of_shard(s), device=DEVICE) for s in range(num_shards)]
     attention = load_model(TINY, experts="none", device=DEVICE)
-    engine = _engine(attention, 3)
-    engine.runner.paged.dispatcher = ExpertDispatcher(
-        InProcessTransport(shards), placement, config.num_experts
-    )
+    dispatcher = ExpertDispatcher(InProcessTransport(shards), placement, config.num_experts)
+    engine = _engine(attention, 3, dispatcher=dispatcher)
     got = _greedy_tokens(engine, _prompts())
     assert [tuple(g) for g in got] == list(_transformers_greedy())
     counts = [shard.drain_stats()["token_counts"] for shard in shards]

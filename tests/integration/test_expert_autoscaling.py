@@ -57,8 +57,7 @@ def cluster_url(ray_cluster: object) -> Iterator[str]:
 
 def _num_shards() -> int:
     pool = serve.get_deployment_handle("ExpertPool", APP_NAME)
-    actors, _, _, _ = pool.current.remote().result(timeout_s=30)
-    return len(actors)
+    return len(pool.current.remote().result(timeout_s=30).actors)
 
 
 def test_pool_grows_under_load_and_shrinks_when_idle(cluster_url: str) -> None:
@@ -112,7 +111,7 @@ def test_shrinking_below_the_first_group_and_growing_back_reuses_its_bundles(ray
             }
         }
     )
-    pool = ExpertPoolDeployment(spec.model_dump(mode="json"))
+    pool = ExpertPoolDeployment(spec)
 
     def live_groups() -> int:
         return sum(g["state"] == "CREATED" for g in placement_group_table().values())

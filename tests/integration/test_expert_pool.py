@@ -42,11 +42,8 @@ def _outputs(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
 
 def _engine(path: Path, dispatcher: ExpertDispatcher | None) -> Engine:
     model = load_model(path, experts="all" if dispatcher is None else "none")
-    engine = Engine(
-        model, Tokenizer.from_dir(TOKENIZER), EngineConfig(block_size=4, max_model_len=256, num_mtp_drafts=2)
-    )
-    engine.runner.paged.dispatcher = dispatcher
-    return engine
+    config = EngineConfig(block_size=4, max_model_len=256, num_mtp_drafts=2)
+    return Engine(model, Tokenizer.from_dir(TOKENIZER), config, dispatcher)
 
 
 PROMPTS = [[5, 6, 7], list(range(10, 50)), [9] * 17, list(range(100, 130))]

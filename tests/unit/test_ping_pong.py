@@ -55,13 +55,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _engine(path: Path, dispatcher: ExpertDispatcher | None) -> Engine:
     model = load_model(path, experts="all" if dispatcher is None else "none")
-    engine = Engine(
-        model,
-        Tokenizer.from_dir(EMBEDDED_MODEL),
-        EngineConfig(block_size=4, max_model_len=256, num_mtp_drafts=2),
-    )
-    engine.runner.paged.dispatcher = dispatcher
-    return engine
+    config = EngineConfig(block_size=4, max_model_len=256, num_mtp_drafts=2)
+    return Engine(model, Tokenizer.from_dir(EMBEDDED_MODEL), config, dispatcher)
 
 
 def _outputs(engine: Engine) -> list[list[int]]:
