@@ -73,9 +73,9 @@ def local_gateway(max_model_len: int = 48) -> Iterator[str]:
     from gateway.config import GatewayConfig
     from mimo.tokenizer import Tokenizer
     from mimo.weights import load_model
-    from replicas.async_engine import AsyncEngine
-    from replicas.engine import Engine
-    from replicas.engine_config import EngineConfig
+    from replicas.engine.async_engine import AsyncEngine
+    from replicas.engine.engine import Engine
+    from replicas.engine.engine_config import EngineConfig
 
     torch.set_num_threads(1)
     tokenizer = Tokenizer.from_dir(TINY)

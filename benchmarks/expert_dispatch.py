@@ -43,13 +43,13 @@ from mimo.tokenizer import Tokenizer  # noqa: E402
 from mimo.weights import load_model  # noqa: E402
 from protocol.messages import GenerateRequest  # noqa: E402
 from protocol.sampling import SamplingParams  # noqa: E402
-from replicas.dispatch import ExpertDispatcher, ExpertTransport  # noqa: E402
-from replicas.engine import Engine  # noqa: E402
-from replicas.engine_config import EngineConfig  # noqa: E402
-from replicas.expert_placement import ExpertKey, initial_placement  # noqa: E402
-from replicas.expert_shard import ExpertShard  # noqa: E402
-from replicas.transport_collective import CollectiveTransport, init_group, serve_shard  # noqa: E402
-from replicas.transport_local import InProcessTransport  # noqa: E402
+from replicas.engine.engine import Engine  # noqa: E402
+from replicas.engine.engine_config import EngineConfig  # noqa: E402
+from replicas.experts.dispatch import ExpertDispatcher, ExpertTransport  # noqa: E402
+from replicas.experts.expert_placement import ExpertKey, initial_placement  # noqa: E402
+from replicas.experts.expert_shard import ExpertShard  # noqa: E402
+from replicas.experts.transport_collective import CollectiveTransport, init_group, serve_shard  # noqa: E402
+from replicas.experts.transport_local import InProcessTransport  # noqa: E402
 
 CKPT = ROOT / "benchmarks" / ".cache" / "dispatch-ckpt"
 TINY = ROOT / "checkpoints" / "mimo-tiny"
@@ -135,7 +135,7 @@ def run_transport(
             [ExpertShard.load(CKPT, placement.experts_of_shard(s)) for s in range(num_shards)]
         )
     elif kind == "ray":
-        from replicas.expert_pool import ExpertPool, ShardResources
+        from replicas.experts.expert_pool import ExpertPool, ShardResources
 
         pool = ExpertPool.start(CKPT, placement, ShardResources(num_cpus=0.01), strategy="PACK")
         transport, cleanup = pool.transport(), pool.shutdown

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import replicas.paged_attention as paged_attention  # noqa: E402
+import replicas.engine.paged_attention as paged_attention  # noqa: E402
 from benchmarks.engine_vs_peers import (  # noqa: E402
     CACHE,
     TINY,
@@ -38,8 +38,8 @@ from mimo.tokenizer import Tokenizer  # noqa: E402
 from mimo.weights import load_model  # noqa: E402
 from protocol.messages import GenerateRequest  # noqa: E402
 from protocol.sampling import SamplingParams  # noqa: E402
-from replicas.engine import Engine  # noqa: E402
-from replicas.engine_config import EngineConfig  # noqa: E402
+from replicas.engine.engine import Engine  # noqa: E402
+from replicas.engine.engine_config import EngineConfig  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "prefill.json"
 CHUNK = 2048

@@ -23,8 +23,8 @@ from mimo.tokenizer import Tokenizer  # noqa: E402
 from mimo.weights import load_model  # noqa: E402
 from protocol.messages import GenerateRequest  # noqa: E402
 from protocol.sampling import SamplingParams  # noqa: E402
-from replicas.engine import Engine  # noqa: E402
-from replicas.engine_config import EngineConfig  # noqa: E402
+from replicas.engine.engine import Engine  # noqa: E402
+from replicas.engine.engine_config import EngineConfig  # noqa: E402
 
 TINY = ROOT / "checkpoints" / "mimo-tiny"
 

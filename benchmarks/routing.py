@@ -450,8 +450,8 @@ def cache_pressure(spec: ClusterSpec, prompts: list[list[int]]) -> dict[str, int
     from cluster.attention_deployment import engine_config
     from mimo.config import MiMoConfig
     from protocol.block_hash import block_hashes
-    from replicas.engine_config import build_layout
-    from replicas.kv_layout import swa_blocks_per_seq
+    from replicas.engine.engine_config import build_layout
+    from replicas.engine.kv_layout import swa_blocks_per_seq
 
     layout = build_layout(MiMoConfig.from_file(f"{spec.model.path}/config.json"), engine_config(spec))
     distinct = {h for p in prompts for h in block_hashes(p, layout.block_size)}

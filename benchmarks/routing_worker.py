@@ -34,8 +34,8 @@ from cluster.spec import ClusterSpec  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
 from mimo.tokenizer import Tokenizer  # noqa: E402
 from protocol.block_hash import block_hashes  # noqa: E402
-from replicas.async_engine import AsyncEngine  # noqa: E402
-from replicas.engine import Engine  # noqa: E402
+from replicas.engine.async_engine import AsyncEngine  # noqa: E402
+from replicas.engine.engine import Engine  # noqa: E402
 
 _Probe = tuple[list[int], str | None, asyncio.AbstractEventLoop, "asyncio.Future[int]"]
 

@@ -39,7 +39,7 @@ def check_engine_fits(spec: ClusterSpec) -> None:
     from mimo.checkpoint import CheckpointError
     from mimo.config import ConfigError, MiMoConfig
     from mimo.weights import checkpoint_config
-    from replicas.engine_config import build_layout, mtp_shortfall
+    from replicas.engine.engine_config import build_layout, mtp_shortfall
 
     path, drafts = spec.model.path, spec.engine.num_mtp_drafts
     try:  # whether MTP blocks exist is in the safetensors index; without drafts config.json suffices

@@ -21,15 +21,15 @@ from protocol.messages import Chunk, GenerateRequest, Refusal
 from protocol.report import ReplicaReport, routing_stats
 
 if TYPE_CHECKING:
-    from replicas.placement_switch import PlacementUpdate, ReplicaSwitch
-    from replicas.timed_transport import TimedTransport
+    from replicas.experts.placement_switch import PlacementUpdate, ReplicaSwitch
+    from replicas.experts.timed_transport import TimedTransport
 
 REPORT_PERIOD_S = 1.0
 LAYER_TYPES = {"full": "full_attention", "swa": "sliding_attention"}
 
 
 def engine_config(spec: ClusterSpec) -> Any:
-    from replicas.engine_config import EngineConfig
+    from replicas.engine.engine_config import EngineConfig
 
     e = spec.engine
     return EngineConfig(
@@ -53,12 +53,12 @@ class AttentionDeployment:
         from mimo.device import device_for_gpus
         from mimo.tokenizer import Tokenizer
         from mimo.weights import load_model
-        from replicas.async_engine import AsyncEngine
-        from replicas.dispatch import ExpertDispatcher
-        from replicas.engine import Engine
-        from replicas.placement_switch import ReplicaSwitch
-        from replicas.timed_transport import TimedTransport
-        from replicas.transport_ray import RayTransport
+        from replicas.engine.async_engine import AsyncEngine
+        from replicas.engine.engine import Engine
+        from replicas.experts.dispatch import ExpertDispatcher
+        from replicas.experts.placement_switch import ReplicaSwitch
+        from replicas.experts.timed_transport import TimedTransport
+        from replicas.experts.transport_ray import RayTransport
         from router.report import ReplicaReportBuilder
 
         self.spec = spec
@@ -158,7 +158,7 @@ class AttentionDeployment:
             await asyncio.sleep(REPORT_PERIOD_S)
 
     async def _sync_placement(self) -> None:
-        """EPLB (`replicas.placement_switch`, step 2): switch to the pool's newer placement; the next
+        """EPLB (`replicas.experts.placement_switch`, step 2): switch to the pool's newer placement; the next
         sync reports the new version, which is the pool's signal that old copies may go."""
         if self.pool is None or self.switch is None:
             return

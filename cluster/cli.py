@@ -30,8 +30,8 @@ def _generate(args: argparse.Namespace) -> int:
     from mimo.weights import load_model
     from protocol.messages import GenerateRequest
     from protocol.sampling import SamplingParams
-    from replicas.engine import Engine
-    from replicas.engine_config import EngineConfig, single_sequence_budget
+    from replicas.engine.engine import Engine
+    from replicas.engine.engine_config import EngineConfig, single_sequence_budget
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = load_model(args.model, dtype=dtype, device=pick_device(args.device), progress=False)

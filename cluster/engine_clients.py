@@ -12,8 +12,8 @@ from typing import Any
 
 from gateway.engine_client import EngineClient, EngineError
 from protocol.messages import Chunk, GenerateRequest, Refusal
-from replicas.async_engine import AsyncEngine
-from replicas.engine import InvalidRequest
+from replicas.engine.async_engine import AsyncEngine
+from replicas.engine.engine import InvalidRequest
 
 
 async def stream_request(

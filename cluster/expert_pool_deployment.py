@@ -23,8 +23,8 @@ from cluster.metrics_ray import ray_metrics
 from cluster.spec import ClusterSpec
 
 if TYPE_CHECKING:  # the replicas package (torch) loads in the deployment's process, not at import
-    from replicas.expert_placement import ExpertPlacement
-    from replicas.placement_switch import PlacementUpdate
+    from replicas.experts.expert_placement import ExpertPlacement
+    from replicas.experts.placement_switch import PlacementUpdate
 
 STATS_PERIOD_S = 2.0
 LIVE_REPLICA_S = 10.0  # an attention replica not heard from for this long no longer holds a switch
@@ -35,8 +35,8 @@ FINALIZE_GRACE_S = 1.0  # a layer call that read the old table just before the s
 class ExpertPoolDeployment:
     def __init__(self, spec: ClusterSpec) -> None:
         from mimo.config import MiMoConfig
-        from replicas.expert_placement import LoadTracker, initial_placement
-        from replicas.expert_pool import ExpertPool, ShardResources
+        from replicas.experts.expert_placement import LoadTracker, initial_placement
+        from replicas.experts.expert_pool import ExpertPool, ShardResources
 
         self.spec = spec
         config = MiMoConfig.from_file(f"{self.spec.model.path}/config.json")
@@ -75,7 +75,7 @@ class ExpertPoolDeployment:
         return None if version == self.version else self._update()
 
     def _update(self) -> PlacementUpdate:
-        from replicas.placement_switch import PlacementUpdate
+        from replicas.experts.placement_switch import PlacementUpdate
 
         return PlacementUpdate(self.version, self.placement, tuple(self.actors), self.num_experts)
 
@@ -92,7 +92,7 @@ class ExpertPoolDeployment:
             self._stats_task = asyncio.get_running_loop().create_task(self._stats_loop())
 
     async def _stats_loop(self) -> None:
-        from replicas.expert_placement import balancedness
+        from replicas.experts.expert_placement import balancedness
 
         last = time.monotonic()
         while True:
@@ -136,7 +136,7 @@ class ExpertPoolDeployment:
             await self._resize(decision.target)
 
     async def _rebalance(self) -> None:
-        from replicas.expert_placement import balancedness, rebalance
+        from replicas.experts.expert_placement import balancedness, rebalance
 
         load = dict(self.tracker.load)
         x = self.spec.experts
@@ -150,8 +150,8 @@ class ExpertPoolDeployment:
 
     async def _resize(self, n: int) -> None:
         """Grows or shrinks the pool to `n` shards with a placement balanced for the measured load."""
-        from replicas.expert_placement import ExpertPlacement, initial_placement, rebalance
-        from replicas.expert_pool import ExpertPool, ShardResources, start_shard
+        from replicas.experts.expert_placement import ExpertPlacement, initial_placement, rebalance
+        from replicas.experts.expert_pool import ExpertPool, ShardResources, start_shard
 
         x, old_actors = self.spec.experts, list(self.actors)
         current = len(old_actors)
@@ -196,10 +196,10 @@ class ExpertPoolDeployment:
                     ray.kill(old_actors[shard])
 
     async def _switch(self, new: ExpertPlacement, actors: list[Any]) -> bool:
-        """The pool's side of `replicas.placement_switch`: loads `new` on `actors` beside traffic,
+        """The pool's side of `replicas.experts.placement_switch`: loads `new` on `actors` beside traffic,
         publishes it, waits for every live attention replica to route by it, then drops what moved
         away. False (nothing dropped) on a timeout."""
-        from replicas.placement_switch import finalize_calls, prepare_calls
+        from replicas.experts.placement_switch import finalize_calls, prepare_calls
 
         async with self._change:
             await asyncio.gather(*prepare_calls(actors, new))

@@ -17,7 +17,7 @@ from cluster.engine_clients import InProcessEngineClient
 from gateway.api import build_app
 from gateway.config import GatewayConfig
 from mimo.tokenizer import Tokenizer
-from replicas.async_engine import AsyncEngine
+from replicas.engine.async_engine import AsyncEngine
 
 
 def free_port() -> int:

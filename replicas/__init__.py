@@ -1,2 +1,2 @@
-"""What runs inside the attention replica's Ray actors: the engine (scheduler, hybrid paged KV cache
-with prefix caching, model runner, sampler, speculative decoding), expert shards and transports."""
+"""What runs inside the Ray actors: the attention replica's engine (`replicas.engine`) and the
+expert shards with their placement, dispatch and transports (`replicas.experts`)."""

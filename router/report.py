@@ -21,7 +21,7 @@ from protocol.report import EventKind, LogEvent, PoolName, ReplicaReport, Snapsh
 
 
 class KVEventLike(Protocol):
-    """`replicas.block_pool.KVEvent` (duck-typed: this package may not import `replicas`)."""
+    """`replicas.engine.block_pool.KVEvent` (duck-typed: this package may not import `replicas`)."""
 
     @property
     def kind(self) -> str: ...

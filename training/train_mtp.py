@@ -24,8 +24,8 @@ from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
 from protocol.messages import GenerateRequest
 from protocol.sampling import SamplingParams
-from replicas.engine import Engine
-from replicas.engine_config import EngineConfig
+from replicas.engine.engine import Engine
+from replicas.engine.engine_config import EngineConfig
 from training.data import TokenData, build_token_data
 from training.train_model import TrainSettings, cosine_lr, save
 

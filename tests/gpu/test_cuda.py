@@ -25,12 +25,12 @@ from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
 from protocol.messages import Chunk, GenerateRequest
 from protocol.sampling import SamplingParams
-from replicas.dispatch import ExpertDispatcher
-from replicas.engine import Engine
-from replicas.engine_config import EngineConfig
-from replicas.expert_placement import initial_placement
-from replicas.expert_shard import ExpertShard
-from replicas.transport_local import InProcessTransport
+from replicas.engine.engine import Engine
+from replicas.engine.engine_config import EngineConfig
+from replicas.experts.dispatch import ExpertDispatcher
+from replicas.experts.expert_placement import initial_placement
+from replicas.experts.expert_shard import ExpertShard
+from replicas.experts.transport_local import InProcessTransport
 from tests.factory import random_config_dict, write_random_checkpoint
 
 # MIMO_TEST_DEVICE=cpu dry-runs the checks' own logic on a host without a GPU

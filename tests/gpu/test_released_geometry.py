@@ -21,8 +21,8 @@ from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
 from protocol.messages import GenerateRequest
 from protocol.sampling import SamplingParams
-from replicas.engine import Engine
-from replicas.engine_config import EngineConfig
+from replicas.engine.engine import Engine
+from replicas.engine.engine_config import EngineConfig
 from tests.factory import random_config_dict, write_random_checkpoint
 from tests.gpu.test_cuda import DEVICE, TINY, transformers_greedy
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mimo.config import MiMoConfig
-from replicas.dispatch import ExpertDispatcher
-from replicas.expert_placement import ExpertKey, initial_placement
-from replicas.transport_collective import CollectiveTransport, init_group
+from replicas.experts.dispatch import ExpertDispatcher
+from replicas.experts.expert_placement import ExpertKey, initial_placement
+from replicas.experts.transport_collective import CollectiveTransport, init_group
 from tests.integration.test_expert_pool import PROMPTS, _engine, _outputs
 
 pytestmark = pytest.mark.integration
@@ -27,8 +27,8 @@ def _free_port() -> int:
 def _shard_main(path: str, keys: list[ExpertKey], rank: int, world: int, port: int, hidden: int) -> None:
     import torch
 
-    from replicas.expert_shard import ExpertShard
-    from replicas.transport_collective import serve_shard
+    from replicas.experts.expert_shard import ExpertShard
+    from replicas.experts.transport_collective import serve_shard
 
     torch.set_num_threads(1)
     shard = ExpertShard.load(path, keys)

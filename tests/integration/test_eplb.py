@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from replicas.dispatch import ExpertDispatcher
-from replicas.expert_placement import ExpertKey, LoadTracker, initial_placement, rebalance
-from replicas.expert_pool import ExpertPool, ShardResources
+from replicas.experts.dispatch import ExpertDispatcher
+from replicas.experts.expert_placement import ExpertKey, LoadTracker, initial_placement, rebalance
+from replicas.experts.expert_pool import ExpertPool, ShardResources
 from tests.factory import random_config_dict, random_model
 from tests.integration.test_expert_pool import PROMPTS, _engine, _outputs
 

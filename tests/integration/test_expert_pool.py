@@ -15,11 +15,11 @@ from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
 from protocol.messages import GenerateRequest
 from protocol.sampling import SamplingParams
-from replicas.dispatch import ExpertDispatcher
-from replicas.engine import Engine
-from replicas.engine_config import EngineConfig
-from replicas.expert_placement import initial_placement
-from replicas.expert_pool import ExpertPool, ShardResources
+from replicas.engine.engine import Engine
+from replicas.engine.engine_config import EngineConfig
+from replicas.experts.dispatch import ExpertDispatcher
+from replicas.experts.expert_placement import initial_placement
+from replicas.experts.expert_pool import ExpertPool, ShardResources
 from tests.factory import random_config_dict, write_random_checkpoint
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,7 @@ from protocol.block_hash import block_hashes
 from protocol.messages import GenerateRequest
 from protocol.report import ReplicaReport, routing_stats
 from protocol.sampling import SamplingParams
-from replicas.block_pool import KVEvent
+from replicas.engine.block_pool import KVEvent
 from router.policy import RouterConfig, rendezvous_key
 from router.report import ReplicaReportBuilder
 

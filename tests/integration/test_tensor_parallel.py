@@ -19,8 +19,8 @@ from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
 from protocol.messages import GenerateRequest
 from protocol.sampling import SamplingParams
-from replicas.engine import Engine
-from replicas.engine_config import EngineConfig
+from replicas.engine.engine import Engine
+from replicas.engine.engine_config import EngineConfig
 
 pytestmark = pytest.mark.integration
 PROMPTS = [[5, 6, 7], list(range(10, 50)), [9] * 17]
@@ -53,7 +53,7 @@ def _q_rows(model: MiMoForCausalLM) -> int:
 
 
 def _rank_main(rank: int, tp_size: int, port: int, path: str, results: Any) -> None:
-    from replicas.tensor_parallel import TPRank, shard_model
+    from replicas.engine.tensor_parallel import TPRank, shard_model
 
     torch.set_num_threads(1)
     model = shard_model(load_model(path), TPRank(rank, tp_size, "127.0.0.1", port))

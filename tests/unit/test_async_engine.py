@@ -11,9 +11,9 @@ from mimo.generate import SamplingParams as PlainParams
 from mimo.generate import generate
 from protocol.messages import Chunk, GenerateRequest
 from protocol.sampling import SamplingParams
-from replicas.async_engine import AsyncEngine
-from replicas.engine import Engine, InvalidRequest
-from replicas.engine_config import EngineConfig
+from replicas.engine.async_engine import AsyncEngine
+from replicas.engine.engine import Engine, InvalidRequest
+from replicas.engine.engine_config import EngineConfig
 from tests.unit.test_engine import NEW_TOKENS, _greedy, _model, _reference, _tokenizer
 
 

@@ -19,8 +19,8 @@ from mimo.weights import load_model
 from observability.capacity import GB, _check, kv_bytes_for_length, kv_bytes_held, kv_bytes_per_token, plan
 from protocol.messages import GenerateRequest
 from protocol.sampling import SamplingParams
-from replicas.engine import Engine
-from replicas.engine_config import EngineConfig
+from replicas.engine.engine import Engine
+from replicas.engine.engine_config import EngineConfig
 
 RELEASE = Path(__file__).resolve().parents[2] / "checkpoints" / "reference" / "mimo-v2-flash.config.json"
 

@@ -25,8 +25,8 @@ from mimo.config import MiMoConfig
 from mimo.config_export import to_hub_dict
 from mimo.tokenizer import Tokenizer
 from mimo.weights import MTP_PREFIX, checkpoint_config, hub_state_from_model, load_model
-from replicas.engine import Engine
-from replicas.engine_config import EngineConfig
+from replicas.engine.engine import Engine
+from replicas.engine.engine_config import EngineConfig
 from tests.factory import random_config_dict, random_model, write_random_checkpoint
 
 transformers = pytest.importorskip("transformers")

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = """
 import os, threading
-from replicas.cpu_policy import run_as_batch_worker
+from replicas.experts.cpu_policy import run_as_batch_worker
 
 def policies():
     return {int(t): os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from mimo.moe import MoE
-from replicas.dispatch import HOST_ROUTING_MAX_PAIRS, ExpertDispatcher
-from replicas.expert_placement import initial_placement, rebalance
-from replicas.expert_shard import ExpertShard
-from replicas.transport_local import InProcessTransport
+from replicas.experts.dispatch import HOST_ROUTING_MAX_PAIRS, ExpertDispatcher
+from replicas.experts.expert_placement import initial_placement, rebalance
+from replicas.experts.expert_shard import ExpertShard
+from replicas.experts.transport_local import InProcessTransport
 from tests.factory import random_config_dict, write_random_checkpoint
 
 

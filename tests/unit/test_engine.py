@@ -18,8 +18,8 @@ from mimo.model import MiMoForCausalLM
 from mimo.tokenizer import Tokenizer
 from protocol.messages import GenerateRequest
 from protocol.sampling import SamplingParams
-from replicas.engine import Engine, InvalidRequest
-from replicas.engine_config import EngineConfig
+from replicas.engine.engine import Engine, InvalidRequest
+from replicas.engine.engine_config import EngineConfig
 from tests.factory import random_config_dict, random_model
 
 NEW_TOKENS = 10

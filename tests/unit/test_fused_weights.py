@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import replicas.paged_attention as paged_attention_module
+import replicas.engine.paged_attention as paged_attention_module
 from mimo.attention import Attention
 from mimo.config import MiMoConfig
 from mimo.layers import RotaryEmbedding
-from replicas.fused_weights import FusedAttention, RopeTable
-from replicas.paged_attention import PagedKV, Segment, build_batch, narrow_queries, paged_attention
+from replicas.engine.fused_weights import FusedAttention, RopeTable
+from replicas.engine.paged_attention import PagedKV, Segment, build_batch, narrow_queries, paged_attention
 from tests.factory import random_config_dict
 
 
@@ -280,7 +280,7 @@ def test_paged_model_packs_every_cpu_matmul_weight() -> None:
     the fused projections and MLPs, o_proj, lm_head and the stacked experts all carry packs."""
     from mimo.linear import Linear
     from mimo.moe import Experts
-    from replicas.paged_model import PagedModel
+    from replicas.engine.paged_model import PagedModel
     from tests.factory import random_model
 
     config = MiMoConfig.from_hub_dict(random_config_dict(num_layers=3))

@@ -18,9 +18,9 @@ from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
 from protocol.messages import GenerateRequest
 from protocol.sampling import SamplingParams
-from replicas.async_engine import AsyncEngine
-from replicas.engine import Engine
-from replicas.engine_config import EngineConfig
+from replicas.engine.async_engine import AsyncEngine
+from replicas.engine.engine import Engine
+from replicas.engine.engine_config import EngineConfig
 from training.tool_scenarios import TOOL_SCHEMAS
 
 TINY = Path(__file__).resolve().parents[2] / "checkpoints" / "mimo-tiny"

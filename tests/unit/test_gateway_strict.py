@@ -23,9 +23,9 @@ from gateway.reasoning import ReasoningStream
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
 from protocol.messages import Chunk, GenerateRequest
-from replicas.async_engine import AsyncEngine
-from replicas.engine import Engine
-from replicas.engine_config import EngineConfig
+from replicas.engine.async_engine import AsyncEngine
+from replicas.engine.engine import Engine
+from replicas.engine.engine_config import EngineConfig
 
 TINY = Path(__file__).resolve().parents[2] / "checkpoints" / "mimo-tiny"
 KEY = "sk-strict"

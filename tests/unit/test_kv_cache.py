@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.block_hash import block_hashes
-from replicas.block_pool import BlockPool, KVEvent, PoolUsage
-from replicas.kv_cache import KVCacheManager
-from replicas.kv_layout import KVLayout, plan_layout, swa_blocks_per_seq
+from replicas.engine.block_pool import BlockPool, KVEvent, PoolUsage
+from replicas.engine.kv_cache import KVCacheManager
+from replicas.engine.kv_layout import KVLayout, plan_layout, swa_blocks_per_seq
 
 B = 4  # block size of every manager test
 W = 4  # window: a query at p sees keys [p - 4, p]

@@ -13,12 +13,12 @@ from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
 from protocol.messages import GenerateRequest
 from protocol.sampling import SamplingParams
-from replicas.dispatch import ExpertDispatcher, ExpertTransport, ShardMessage
-from replicas.engine import Engine
-from replicas.engine_config import EngineConfig
-from replicas.expert_placement import initial_placement
-from replicas.expert_shard import ExpertShard
-from replicas.transport_local import InProcessTransport
+from replicas.engine.engine import Engine
+from replicas.engine.engine_config import EngineConfig
+from replicas.experts.dispatch import ExpertDispatcher, ExpertTransport, ShardMessage
+from replicas.experts.expert_placement import initial_placement
+from replicas.experts.expert_shard import ExpertShard
+from replicas.experts.transport_local import InProcessTransport
 from tests.factory import random_config_dict, write_random_checkpoint
 
 MOE_LAYERS = list(range(1, 7))

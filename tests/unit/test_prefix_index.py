@@ -8,9 +8,9 @@ import random
 
 from protocol.block_hash import block_hashes
 from protocol.report import ReplicaReport
-from replicas.block_pool import KVEvent
-from replicas.kv_cache import KVCacheManager
-from replicas.kv_layout import KVLayout
+from replicas.engine.block_pool import KVEvent
+from replicas.engine.kv_cache import KVCacheManager
+from replicas.engine.kv_layout import KVLayout
 from router.hashing import hash_prompt_blocks
 from router.prefix_index import PrefixIndex, ViewState
 from router.report import ReplicaReportBuilder, ReportConfig

@@ -9,9 +9,9 @@ import pytest
 
 from protocol.block_hash import block_hashes
 from protocol.report import Snapshot, pack_hashes, report_in, routing_stats, unpack_hashes
-from replicas.block_pool import KVEvent
-from replicas.kv_cache import KVCacheManager
-from replicas.kv_layout import KVLayout
+from replicas.engine.block_pool import KVEvent
+from replicas.engine.kv_cache import KVCacheManager
+from replicas.engine.kv_layout import KVLayout
 from router.report import ReplicaReportBuilder, ReportConfig
 
 DEFAULT_REPORTS = ReportConfig()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from protocol.sampling import SamplingParams
-from replicas.sampler import (
+from replicas.engine.sampler import (
     RowState,
     exponential_race,
     make_generator,

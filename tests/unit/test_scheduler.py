@@ -7,10 +7,17 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from replicas.kv_cache import KVCacheManager
-from replicas.kv_layout import KVLayout, swa_blocks_per_seq
-from replicas.requests import EngineRequest, RequestUpdate, ScheduledSeq, SeqOutput, StepOutput, StepPlan
-from replicas.scheduler import Scheduler, SchedulerConfig
+from replicas.engine.kv_cache import KVCacheManager
+from replicas.engine.kv_layout import KVLayout, swa_blocks_per_seq
+from replicas.engine.requests import (
+    EngineRequest,
+    RequestUpdate,
+    ScheduledSeq,
+    SeqOutput,
+    StepOutput,
+    StepPlan,
+)
+from replicas.engine.scheduler import Scheduler, SchedulerConfig
 
 STOP = 5
 WRONG_DRAFT = 1

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from protocol.sampling import SamplingParams
-from replicas.sampler import RowState, make_generator, processed_probs
-from replicas.spec_decode import accept_drafts, build_target_probs
+from replicas.engine.sampler import RowState, make_generator, processed_probs
+from replicas.engine.spec_decode import accept_drafts, build_target_probs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicas.stop_strings import StopStringMatcher
+from replicas.engine.stop_strings import StopStringMatcher
 
 
 def _feed(matcher: StopStringMatcher, deltas: list[str]) -> tuple[str, bool]:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from replicas.cpu_policy import run_as_batch_worker
-from replicas.dispatch import ExpertTransport, ShardMessage
-from replicas.expert_shard import ExpertShard
-from replicas.wire import pack_into, unpack
+from replicas.experts.cpu_policy import run_as_batch_worker
+from replicas.experts.dispatch import ExpertTransport, ShardMessage
+from replicas.experts.expert_shard import ExpertShard
+from replicas.experts.wire import pack_into, unpack
 
 STOP = -1
 GROW = -2

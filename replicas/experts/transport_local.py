@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from replicas.dispatch import ExpertTransport, ShardMessage
-from replicas.expert_shard import ExpertShard
+from replicas.experts.dispatch import ExpertTransport, ShardMessage
+from replicas.experts.expert_shard import ExpertShard
 
 
 class InProcessTransport(ExpertTransport):

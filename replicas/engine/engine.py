@@ -1,7 +1,7 @@
 """The attention-replica engine: requests in, token chunks out, one scheduler step at a time.
 
 `Engine` is synchronous and single-threaded (schedule -> run -> update -> detokenize -> stop
-strings); `replicas/async_engine.py` drives it from a background thread for the serving layer, and
+strings); `replicas/engine/async_engine.py` drives it from a background thread for the serving layer, and
 `generate` runs a batch offline for benchmarks. Bad requests are rejected at `add` with the field
 at fault; a failure while serving one request ends that request with an error, never the others.
 """
@@ -18,14 +18,14 @@ from mimo.model import MiMoForCausalLM
 from mimo.tokenizer import IncrementalDetokenizer, Tokenizer
 from protocol.messages import Chunk, GenerateRequest, TokenLogprobs, Usage
 from protocol.sampling import InvalidSamplingParameter
-from replicas.dispatch import ExpertDispatcher
-from replicas.engine_config import EngineConfig, build_layout
-from replicas.kv_cache import KVCacheManager
-from replicas.requests import EngineRequest, RequestUpdate
-from replicas.runner import ModelRunner
-from replicas.sampler import RowState
-from replicas.scheduler import Scheduler, SchedulerConfig
-from replicas.stop_strings import StopStringMatcher
+from replicas.engine.engine_config import EngineConfig, build_layout
+from replicas.engine.kv_cache import KVCacheManager
+from replicas.engine.requests import EngineRequest, RequestUpdate
+from replicas.engine.runner import ModelRunner
+from replicas.engine.sampler import RowState
+from replicas.engine.scheduler import Scheduler, SchedulerConfig
+from replicas.engine.stop_strings import StopStringMatcher
+from replicas.experts.dispatch import ExpertDispatcher
 
 
 class InvalidRequest(ValueError):

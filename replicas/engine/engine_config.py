@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mimo.config import LayerType, MiMoConfig
 from mimo.sizes import kv_bytes_per_token
-from replicas.kv_layout import KVLayout, plan_layout
+from replicas.engine.kv_layout import KVLayout, plan_layout
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from replicas.dispatch import ExpertDispatcher
-from replicas.expert_placement import ExpertPlacement
-from replicas.transport_ray import RayTransport
+from replicas.experts.dispatch import ExpertDispatcher
+from replicas.experts.expert_placement import ExpertPlacement
+from replicas.experts.transport_ray import RayTransport
 
 
 @dataclass(frozen=True)

@@ -33,12 +33,12 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mimo.device import device_for_gpus
-from replicas.cpu_policy import run_as_batch_worker
-from replicas.dispatch import ExpertDispatcher
-from replicas.expert_placement import ExpertKey, ExpertPlacement
-from replicas.expert_shard import ExpertShard
-from replicas.transport_ray import RayTransport
-from replicas.wire import unpack
+from replicas.experts.cpu_policy import run_as_batch_worker
+from replicas.experts.dispatch import ExpertDispatcher
+from replicas.experts.expert_placement import ExpertKey, ExpertPlacement
+from replicas.experts.expert_shard import ExpertShard
+from replicas.experts.transport_ray import RayTransport
+from replicas.experts.wire import unpack
 
 # Zero-copy torch tensors through the object store; idle OpenMP threads sleep rather than spin.
 WORKER_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
@@ -132,8 +132,8 @@ class ExpertPool:
 
     def move_to(self, placement: ExpertPlacement, dispatchers: list[ExpertDispatcher]) -> int:
         """Moves the pool to `placement` while traffic runs, with dispatchers in this process (the
-        three steps of `replicas.placement_switch`). Returns experts loaded."""
-        from replicas.placement_switch import finalize_calls, prepare_calls, switch_in_process
+        three steps of `replicas.experts.placement_switch`). Returns experts loaded."""
+        from replicas.experts.placement_switch import finalize_calls, prepare_calls, switch_in_process
 
         loaded = sum(ray.get(prepare_calls(self.actors, placement)))
         switch_in_process(dispatchers, placement)

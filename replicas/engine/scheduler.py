@@ -11,9 +11,9 @@ import bisect
 from dataclasses import dataclass, field
 
 from protocol.block_hash import next_block_hashes
-from replicas.kv_cache import KVCacheManager
-from replicas.kv_layout import swa_blocks_per_seq
-from replicas.requests import (
+from replicas.engine.kv_cache import KVCacheManager
+from replicas.engine.kv_layout import swa_blocks_per_seq
+from replicas.engine.requests import (
     EngineRequest,
     FinishReason,
     RequestState,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from mimo.moe import Routing
-from replicas.expert_placement import ExpertPlacement
+from replicas.experts.expert_placement import ExpertPlacement
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ It loads only its own tensors from the checkpoint (memory-mapped; never the whol
 one grouped computation per message: rows [R, H] with each row's chosen expert ids and combine
 weights, where pairs computed on another shard carry the id `num_experts` (NOT_HERE). It returns
 the weighted partial sum over the pairs it owns, and counts tokens and compute time per expert.
-Plain class: `ExpertShardActor` (`replicas/expert_pool.py`) hosts it in a Ray actor, the gloo shard
-loop (`replicas/transport_collective.py`) in a process, tests and the in-process transport
+Plain class: `ExpertShardActor` (`replicas/experts/expert_pool.py`) hosts it in a Ray actor, the gloo shard
+loop (`replicas/experts/transport_collective.py`) in a process, tests and the in-process transport
 call it directly.
 """
 
@@ -21,7 +21,7 @@ from mimo.checkpoint import CheckpointReader
 from mimo.config import MiMoConfig
 from mimo.moe import Experts, Routing
 from mimo.weights import load_tensors, move_buffers, select_names, stack_experts
-from replicas.expert_placement import ExpertKey
+from replicas.experts.expert_placement import ExpertKey
 
 
 class ExpertShard:

@@ -14,13 +14,13 @@ import torch
 
 from mimo.model import MiMoForCausalLM
 from protocol.messages import TokenLogprobs
-from replicas.dispatch import ExpertDispatcher
-from replicas.kv_layout import KVLayout
-from replicas.mtp import DraftItem, MTPDrafter, MTPState
-from replicas.paged_model import PagedModel, SeqInput
-from replicas.requests import ScheduledSeq, SeqOutput, StepOutput, StepPlan
-from replicas.sampler import RowState, sample
-from replicas.spec_decode import accept_drafts, build_target_probs
+from replicas.engine.kv_layout import KVLayout
+from replicas.engine.mtp import DraftItem, MTPDrafter, MTPState
+from replicas.engine.paged_model import PagedModel, SeqInput
+from replicas.engine.requests import ScheduledSeq, SeqOutput, StepOutput, StepPlan
+from replicas.engine.sampler import RowState, sample
+from replicas.engine.spec_decode import accept_drafts, build_target_probs
+from replicas.experts.dispatch import ExpertDispatcher
 
 
 class ModelRunner:

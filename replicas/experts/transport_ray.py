@@ -11,8 +11,8 @@ import numpy as np
 import ray
 import torch
 
-from replicas.dispatch import ExpertTransport, ShardMessage
-from replicas.wire import pack
+from replicas.experts.dispatch import ExpertTransport, ShardMessage
+from replicas.experts.wire import pack
 
 
 class RayTransport(ExpertTransport):

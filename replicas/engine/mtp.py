@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from replicas.paged_model import PagedModel, SeqInput, StepBatch
+from replicas.engine.paged_model import PagedModel, SeqInput, StepBatch
 
 
 @dataclass

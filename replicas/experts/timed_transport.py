@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from replicas.dispatch import ExpertTransport, ShardMessage
+from replicas.experts.dispatch import ExpertTransport, ShardMessage
 
 
 class TimedTransport(ExpertTransport):

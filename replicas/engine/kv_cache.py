@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from replicas.block_pool import BlockPool, KVEvent, PoolName, PoolUsage
-from replicas.kv_layout import KVLayout
+from replicas.engine.block_pool import BlockPool, KVEvent, PoolName, PoolUsage
+from replicas.engine.kv_layout import KVLayout
 
 
 @dataclass

@@ -20,9 +20,8 @@ from mimo.layers import DenseMLP, RotaryEmbedding
 from mimo.linear import Linear
 from mimo.model import DecoderLayer, MiMoForCausalLM, MTPBlock
 from mimo.moe import Experts, MoE
-from replicas.dispatch import ExpertDispatcher, Pending
-from replicas.fused_weights import FusedAttention, FusedMLP, RopeTable
-from replicas.paged_attention import (
+from replicas.engine.fused_weights import FusedAttention, FusedMLP, RopeTable
+from replicas.engine.paged_attention import (
     AttentionBatch,
     PagedKV,
     Segment,
@@ -30,6 +29,7 @@ from replicas.paged_attention import (
     narrow_queries,
     paged_attention,
 )
+from replicas.experts.dispatch import ExpertDispatcher, Pending
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, rotary_dim] (or [N, rotary_dim])
 
@@ -96,7 +96,7 @@ class PagedModel:
             LayerType.SLIDING: (sa.num_kv_heads, sa.num_q_per_kv, sa.has_sink),
         }
         self.rope_tables = {t: RopeTable(m, self.dtype, self.device) for t, m in _rotaries(model).items()}
-        # derived weights (see replicas/fused_weights.py), keyed by the Attention / DenseMLP module
+        # derived weights (see replicas/engine/fused_weights.py), keyed by the Attention / DenseMLP module
         self.fused = {
             id(a): FusedAttention.build(a, c.rotary_dim) for a in model.modules() if isinstance(a, Attention)
         }

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from replicas.sampler import RowState, exponential_race, processed_probs_batch
+from replicas.engine.sampler import RowState, exponential_race, processed_probs_batch
 
 
 def build_target_probs(logits: Tensor, row: RowState, draft_tokens: Sequence[int]) -> Tensor:

@@ -21,8 +21,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from protocol.messages import Chunk, GenerateRequest
-from replicas.block_pool import KVEvent
-from replicas.engine import Engine
+from replicas.engine.block_pool import KVEvent
+from replicas.engine.engine import Engine
 
 
 @dataclass(frozen=True)
