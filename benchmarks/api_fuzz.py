@@ -69,7 +69,7 @@ def local_gateway(max_model_len: int = 48) -> Iterator[str]:
     """The gateway app over the tiny model in this process, at a loopback URL (…/v1)."""
     import torch
 
-    from cluster.local_server import LocalServer
+    from cluster.cli.local_server import LocalServer
     from gateway.config import GatewayConfig
     from mimo.tokenizer import Tokenizer
     from mimo.weights import load_model

@@ -195,7 +195,7 @@ def main() -> None:
     }
     import ray
 
-    from cluster.ray_auth import new_cluster_token
+    from cluster.serving.ray_auth import new_cluster_token
 
     token = new_cluster_token()  # token auth on, as `mimo serve` runs it
     atexit.register(token.remove)

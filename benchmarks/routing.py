@@ -10,7 +10,7 @@ evict, and `--sessions 192 --kv-cache-mib 12` runs long enough (753 requests) th
 set by routing rather than by the few cold first turns no router can avoid (the README has what
 each measured). The JSON records each replica's pool sizes next to the trace's distinct blocks
 (`cache_pressure`).
-- ours, round_robin, power_of_two, ray_prefix: the Serve application (`cluster.app`), Gateway ->
+- ours, round_robin, power_of_two, ray_prefix: the Serve application (`cluster.serving.app`), Gateway ->
   Attention replicas (experts in process), through the gateway's HTTP API; Ray's router is plugged in
   as the Attention deployment's request router (`benchmarks/ray_prefix_router.py`).
 - ours_direct, ray_prefix_direct: the same application with direct streaming
@@ -79,8 +79,8 @@ from benchmarks.routing_trace import (  # noqa: E402
     messages_for,
     summarize,
 )
-from cluster.local_server import free_port  # noqa: E402
-from cluster.ray_auth import new_cluster_token  # noqa: E402
+from cluster.cli.local_server import free_port  # noqa: E402
+from cluster.serving.ray_auth import new_cluster_token  # noqa: E402
 from cluster.spec import ClusterSpec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "routing.json"
@@ -260,7 +260,7 @@ def run_serve_policies(
     import ray
     from ray import serve
 
-    from cluster.app import APP_NAME, build_application
+    from cluster.serving.app import APP_NAME, build_application
 
     out: dict[str, Any] = {}
     port = free_port()
@@ -299,7 +299,7 @@ def serve_workers(spec: ClusterSpec, port: int) -> Iterator[list[str]]:
     from ray import serve
 
     from benchmarks.routing_worker import ServeWorker
-    from cluster.app import RUNTIME_ENV
+    from cluster.serving.app import RUNTIME_ENV
 
     a = spec.attention
     deployment = serve.deployment(
@@ -447,7 +447,7 @@ def trace_prompts(trace: Trace, nonce: int) -> list[list[int]]:
 
 def cache_pressure(spec: ClusterSpec, prompts: list[list[int]]) -> dict[str, int]:
     """Each replica's pool sizes in blocks beside the trace's distinct prompt blocks (one run)."""
-    from cluster.attention_deployment import engine_config
+    from cluster.serving.attention_deployment import engine_config
     from mimo.config import MiMoConfig
     from protocol.block_hash import block_hashes
     from replicas.engine.engine_config import build_layout

@@ -6,7 +6,7 @@ engine config, experts in process, same torch threads), in one of two hosts:
   so routers in front of URLs face the same Serve replicas (Ray's threads, Serve's proxy and
   streaming path) as the routers inside the Serve application;
 - `python benchmarks/routing_worker.py --port P --spec JSON`, a bare process (uvicorn,
-  `cluster.local_server.LocalServer`) until SIGTERM: what the same engines do without Serve.
+  `cluster.cli.local_server.LocalServer`) until SIGTERM: what the same engines do without Serve.
 Besides the API it answers what sglang-router asks a worker for (`/server_info`, `/model_info`) and
 `POST /probe`: the prompt tokens this engine's prefix cache would hit right now, looked up on the
 engine thread between steps, which is what the benchmark's oracle router asks every replica.
@@ -103,8 +103,8 @@ class Worker:
 def build_worker(spec: ClusterSpec) -> Worker:
     import torch
 
-    from cluster.attention_deployment import engine_config
-    from cluster.gateway_deployment import max_model_len
+    from cluster.serving.attention_deployment import engine_config
+    from cluster.serving.gateway_deployment import max_model_len
     from mimo.weights import load_model
 
     torch.set_num_threads(spec.engine.threads)
@@ -124,7 +124,7 @@ class ServeWorker:
         self.spec = ClusterSpec.model_validate(spec)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        from cluster.engine_clients import InProcessEngineClient
+        from cluster.serving.engine_clients import InProcessEngineClient
         from gateway.api import build_app
 
         w = build_worker(self.spec)
@@ -134,7 +134,7 @@ class ServeWorker:
 
 
 def main() -> None:
-    from cluster.local_server import LocalServer
+    from cluster.cli.local_server import LocalServer
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)

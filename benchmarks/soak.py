@@ -142,14 +142,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "soak.json")
     args = parser.parse_args()
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    from cluster.ray_auth import new_cluster_token
+    from cluster.serving.ray_auth import new_cluster_token
 
     atexit.register(new_cluster_token().remove)  # token auth on, as `mimo serve` runs it
     import ray
     from ray import serve
 
-    from cluster.deploy import deploy
-    from cluster.local_server import free_port
+    from cluster.cli.local_server import free_port
+    from cluster.serving.deploy import deploy
     from cluster.spec import ClusterSpec
 
     port = free_port()

@@ -1,7 +1,7 @@
 """What the gateway needs from an attention replica: `generate(request)` streams the replica's
 `protocol.messages.Chunk`s for one `GenerateRequest`, and `is_ready()`.
 
-Two implementations live in the composition root (`cluster/engine_clients.py`): a Serve handle to
+Two implementations live in the composition root (`cluster/serving/engine_clients.py`): a Serve handle to
 the attention deployment (the cluster) and an in-process engine (single-process runs and fast
 tests). The request and the chunks are the protocol's types end to end, so this package never
 imports the engine and nothing is translated on the way.

@@ -5,7 +5,7 @@ when they are known (`charge`), possibly driving the bucket negative so the next
 A refusal says how long until it would fit (the Retry-After of the 429) and which bucket refused.
 
 `Limits` is where the API keeps them: `LocalLimits` in the serving process (exact while one process
-serves the API), or a store every API-serving process shares (`cluster.shared_limits`: several
+serves the API), or a store every API-serving process shares (`cluster.serving.shared_limits`: several
 gateway replicas, or the attention replicas of direct streaming), so a key's limit holds for the
 whole cluster, not per process.
 """

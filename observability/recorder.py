@@ -3,7 +3,7 @@
 Callers never spell a metric name: they call `metrics.request_finished(...)`, `metrics.engine_state(...)`
 and so on, and the helpers check labels against `observability.catalog`. Two backends: this
 module's `PrometheusBackend` (its own registry, for unit tests and standalone processes) and
-`cluster.metrics_ray.RayBackend` (Ray's per-node metrics agent: one scrape target per node), which
+`cluster.serving.metrics_ray.RayBackend` (Ray's per-node metrics agent: one scrape target per node), which
 the composition root injects. Zero increments are skipped (Ray's `Counter.inc` rejects 0).
 """
 

@@ -4,13 +4,13 @@ Ray binds to the loopback interface only when it believes it runs a single-machi
 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); without it a driver resolves 127.0.0.1 to the machine's
 address and cannot reach a loopback-bound GCS. Token auth stays on, as in production: Serve
 replicas listen on every interface, so the test clusters get a token of their own
-(`cluster.ray_auth`), removed when the run ends.
+(`cluster.serving.ray_auth`), removed when the run ends.
 """
 
 import atexit
 import os
 
-from cluster.ray_auth import new_cluster_token
+from cluster.serving.ray_auth import new_cluster_token
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] = "1"

@@ -7,8 +7,8 @@ A new placement goes live without stopping traffic, in three steps:
    its dispatcher's table atomically between layer calls, and waits until no call routed by the old
    table is in flight; only then does it acknowledge the new version;
 3. pool side, once every live replica acknowledged, `finalize_calls`: shards drop what moved away.
-The pool publishes a `PlacementUpdate`; `cluster/expert_pool_deployment.py` runs steps 1 and 3 and
-hands updates out, `cluster/attention_deployment.py` runs step 2, and `ExpertPool.move_to` runs all
+The pool publishes a `PlacementUpdate`; `cluster/serving/expert_pool_deployment.py` runs steps 1 and 3 and
+hands updates out, `cluster/serving/attention_deployment.py` runs step 2, and `ExpertPool.move_to` runs all
 three in one process for tests.
 """
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from cluster.cli import main as mimo_main
-from cluster.local_server import free_port
+from cluster.cli.local_server import free_port
+from cluster.cli.main import main as mimo_main
 from tests.integration.mimo_serve_process import mimo_serve
 
 pytestmark = pytest.mark.integration

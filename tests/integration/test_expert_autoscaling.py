@@ -15,10 +15,10 @@ import ray
 from ray import serve
 from ray.util import placement_group_table
 
-from cluster.deploy import deploy
-from cluster.expert_pool_deployment import ExpertPoolDeployment
-from cluster.gateway_deployment import APP_NAME
-from cluster.local_server import free_port
+from cluster.cli.local_server import free_port
+from cluster.serving.deploy import deploy
+from cluster.serving.expert_pool_deployment import ExpertPoolDeployment
+from cluster.serving.gateway_deployment import APP_NAME
 from cluster.spec import ClusterSpec
 
 pytestmark = pytest.mark.integration

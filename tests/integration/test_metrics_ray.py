@@ -18,7 +18,7 @@ class _RecorderImpl:
     """A stand-in for any cluster process (replica, shard): records through the Ray backend."""
 
     def __init__(self, replica: str) -> None:
-        from cluster.metrics_ray import ray_metrics
+        from cluster.serving.metrics_ray import ray_metrics
 
         self.metrics = ray_metrics({"replica": replica})
 

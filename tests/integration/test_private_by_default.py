@@ -15,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from cluster.local_server import free_port
+from cluster.cli.local_server import free_port
 from tests.integration.mimo_serve_process import mimo_serve
 
 pytestmark = pytest.mark.integration

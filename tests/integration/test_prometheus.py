@@ -20,9 +20,9 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.deploy import deploy
-from cluster.gateway_deployment import APP_NAME
-from cluster.local_server import free_port
+from cluster.cli.local_server import free_port
+from cluster.serving.deploy import deploy
+from cluster.serving.gateway_deployment import APP_NAME
 from cluster.spec import ClusterSpec
 from observability.dashboards import dashboard_exprs
 

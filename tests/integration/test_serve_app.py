@@ -16,9 +16,9 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.cli import main as mimo_main
-from cluster.deploy import deploy, wait_running
-from cluster.local_server import free_port
+from cluster.cli.local_server import free_port
+from cluster.cli.main import main as mimo_main
+from cluster.serving.deploy import deploy, wait_running
 from cluster.spec import ClusterSpec
 from training.tool_scenarios import TOOL_SCHEMAS
 

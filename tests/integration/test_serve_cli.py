@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from cluster.local_server import free_port
+from cluster.cli.local_server import free_port
 from tests.integration.mimo_serve_process import mimo_serve
 
 pytestmark = pytest.mark.integration

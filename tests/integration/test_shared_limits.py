@@ -1,6 +1,6 @@
 """Per-key limits with two gateway replicas, as a user runs it (`mimo serve`, the `openai` client):
 Serve's proxy spreads a key's requests over both gateways, and the limit holds for the key, not
-once per gateway (`cluster/shared_limits.py`). Direct streaming's replicas share the same store
+once per gateway (`cluster/serving/shared_limits.py`). Direct streaming's replicas share the same store
 (tests/integration/test_direct_streaming.py)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from cluster.local_server import free_port
+from cluster.cli.local_server import free_port
 from tests.integration.mimo_serve_process import mimo_serve
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ import ray
 from ray import serve
 
 from benchmarks.soak import attention_pids, rss_bytes, settled_metrics, soak
-from cluster.deploy import deploy
-from cluster.local_server import free_port
+from cluster.cli.local_server import free_port
+from cluster.serving.deploy import deploy
 from cluster.spec import ClusterSpec
 
 pytestmark = pytest.mark.integration

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from cluster.cli import EMBEDDED_MODEL
+from cluster.cli.main import EMBEDDED_MODEL
 from mimo.model import DecoderLayer, MiMoForCausalLM
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model

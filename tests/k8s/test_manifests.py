@@ -16,10 +16,10 @@ import kubernetes_validate.utils as kv
 import pytest
 import yaml
 
-from cluster.cli import main
-from cluster.k8s_render import API_KEYS_FILE, IMAGE_MODEL_DIR, RAY_VERSION, pod_spec, render_manifests
-from cluster.k8s_tree import OVERLAYS, apply_overlay, json_patch, render_tree
-from cluster.serve_config import render_serve_config
+from cluster.cli.main import main
+from cluster.k8s.render import API_KEYS_FILE, IMAGE_MODEL_DIR, RAY_VERSION, pod_spec, render_manifests
+from cluster.k8s.tree import OVERLAYS, apply_overlay, json_patch, render_tree
+from cluster.serving.serve_config import render_serve_config
 from cluster.spec import ClusterSpec
 from tests.k8s.crd_schema import K8S_VERSION, crd_errors
 from tests.k8s.kustomize_lite import apply_json_patch, build

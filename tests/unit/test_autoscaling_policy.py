@@ -1,4 +1,4 @@
-"""The Serve adapter (cluster/autoscaling_policy.py) driven the way Serve 2.60's controller
+"""The Serve adapter (cluster/serving/autoscaling_policy.py) driven the way Serve 2.60's controller
 drives an application-level policy: real `AutoscalingContext`s, wrapped by Serve's own
 `_apply_app_level_autoscaling_config` (delays and bounds), metrics from the replicas'
 `record_autoscaling_stats` as Serve aggregates them, and a Prometheus HTTP endpoint."""
@@ -17,12 +17,12 @@ from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
 from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from cluster.autoscaling_policy import (
+from cluster.serving.autoscaling_policy import (
     MimoAutoscalingPolicy,
     application_autoscaling_policy,
     attention_autoscaling_config,
 )
-from cluster.metrics_source import PROMQL, PrometheusSource, query_prometheus
+from cluster.serving.metrics_source import PROMQL, PrometheusSource, query_prometheus
 from cluster.spec import ClusterSpec
 from observability.recorder import Metrics, PrometheusBackend
 
@@ -158,7 +158,7 @@ def test_promql_source_parses_values_nan_and_errors(prometheus: str) -> None:
 def test_gauges_are_read_for_the_live_replicas_only() -> None:
     """Catches the policy summing a dead replica's last exported gauges (Ray keeps exporting them):
     a killed replica's `running 3` would block every scale-down."""
-    from cluster.metrics_source import promql
+    from cluster.serving.metrics_source import promql
 
     queries = promql(["r2", "r1"])
     assert queries["num_waiting"] == 'sum(ray_mimo_num_requests_waiting{replica=~"r1|r2"})'

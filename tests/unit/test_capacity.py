@@ -1,4 +1,4 @@
-"""The capacity model (observability/capacity.py, cluster/plan.py, `mimo plan`): KV and weight
+"""The capacity model (observability/capacity.py, cluster/cli/plan.py, `mimo plan`): KV and weight
 arithmetic exact on the released config and equal to what the real engine and model hold on the
 tiny checkpoint; the H200 plan meets its SLOs and is the smallest that does."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.cli import EMBEDDED_MODEL, main
-from cluster.plan import PROFILES, load_hardware, load_traffic, model_numbers
+from cluster.cli.main import EMBEDDED_MODEL, main
+from cluster.cli.plan import PROFILES, load_hardware, load_traffic, model_numbers
 from mimo.config import MiMoConfig
 from mimo.sizes import kv_bytes_for_sequence
 from mimo.tokenizer import Tokenizer

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cluster.app import check_engine_fits
-from cluster.cli import EMBEDDED_MODEL, main
+from cluster.cli.main import EMBEDDED_MODEL, main
+from cluster.serving.app import check_engine_fits
 from cluster.spec import ClusterSpec, SpecError
 from mimo.checkpoint import CheckpointError, write_checkpoint
 from mimo.config import MiMoConfig

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import EMBEDDED_MODEL, main
+from cluster.cli.main import EMBEDDED_MODEL, main
 from tests.factory import random_config_dict, write_random_checkpoint
 
 

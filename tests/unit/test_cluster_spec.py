@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.attention_deployment import engine_config
+from cluster.serving.attention_deployment import engine_config
 from cluster.spec import EMBEDDED_MODEL, ClusterSpec, SpecError
 
 
@@ -56,7 +56,7 @@ def test_spec_is_frozen() -> None:
 def test_default_autoscaling_ceiling_fits_the_machine() -> None:
     """Catches the default spec scaling to 4 attention replicas beside 2 expert shards on a
     2-core machine; a ceiling written in the spec is kept."""
-    from cluster.app import fit_to_machine
+    from cluster.serving.app import fit_to_machine
 
     default = ClusterSpec()
     assert default.attention.max_replicas == 4
@@ -72,7 +72,7 @@ def test_default_autoscaling_ceiling_fits_the_machine() -> None:
 def test_ready_while_every_deployment_has_a_running_replica() -> None:
     """Catches /ready answering 503 while the autoscaler adds a replica or Serve restarts one,
     although every deployment still has one serving."""
-    from cluster.gateway_deployment import can_serve
+    from cluster.serving.gateway_deployment import can_serve
 
     running = {"Gateway": {"RUNNING": 1}, "Attention": {"RUNNING": 2}, "ExpertPool": {"RUNNING": 1}}
     assert can_serve(running)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from cluster.inspect_report import inspect_report
+from cluster.cli.inspect_report import inspect_report
 from mimo.config import ConfigError, LayerType, MiMoConfig
 from mimo.config_export import to_hub_dict
 from tests.factory import random_config_dict
@@ -103,7 +103,7 @@ def test_missing_config_file(tmp_path: Path) -> None:
 
 def test_deployment_memory_for_the_release() -> None:
     """Catches sizing arithmetic that would mislead a GPU deployment (shard and replica bytes)."""
-    from cluster.inspect_report import deployment_memory
+    from cluster.cli.inspect_report import deployment_memory
 
     config = MiMoConfig.from_hub_dict(released())
     d = deployment_memory(

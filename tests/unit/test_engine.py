@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.cli import EMBEDDED_MODEL
+from cluster.cli.main import EMBEDDED_MODEL
 from mimo.config import MiMoConfig
 from mimo.generate import SamplingParams as PlainParams
 from mimo.generate import generate

@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from cluster.local_server import LocalServer
+from cluster.cli.local_server import LocalServer
 from gateway.config import GatewayConfig
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model

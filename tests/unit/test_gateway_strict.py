@@ -15,7 +15,7 @@ import pytest
 import torch
 from starlette.testclient import TestClient
 
-from cluster.local_server import LocalServer
+from cluster.cli.local_server import LocalServer
 from gateway.api import build_app
 from gateway.config import GatewayConfig
 from gateway.engine_client import EngineClient

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cluster.cli import EMBEDDED_MODEL
+from cluster.cli.main import EMBEDDED_MODEL
 from mimo.generate import SamplingParams as PlainParams
 from mimo.generate import generate
 from mimo.sizes import kv_bytes_for_sequence

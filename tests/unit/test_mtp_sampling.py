@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from cluster.cli import EMBEDDED_MODEL
+from cluster.cli.main import EMBEDDED_MODEL
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model
 from protocol.messages import GenerateRequest

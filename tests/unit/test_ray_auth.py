@@ -1,4 +1,4 @@
-"""Ray token auth set-up for the clusters `mimo serve` starts and joins (`cluster.ray_auth`)."""
+"""Ray token auth set-up for the clusters `mimo serve` starts and joins (`cluster.serving.ray_auth`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster import ray_auth
-from cluster.ray_auth import RayAuthError, new_cluster_token, use_join_token
+from cluster.serving import ray_auth
+from cluster.serving.ray_auth import RayAuthError, new_cluster_token, use_join_token
 
 
 @pytest.fixture

@@ -9,8 +9,15 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.cli import main
-from cluster.serve_config import APP_NAME, ATTENTION, GATEWAY, IMPORT_PATH, ROUTE_CHOOSER, render_serve_config
+from cluster.cli.main import main
+from cluster.serving.serve_config import (
+    APP_NAME,
+    ATTENTION,
+    GATEWAY,
+    IMPORT_PATH,
+    ROUTE_CHOOSER,
+    render_serve_config,
+)
 from cluster.spec import ClusterSpec
 
 
@@ -29,7 +36,11 @@ def test_config_passes_rays_schema_with_nothing_ignored(autoscaling: bool) -> No
     config = render_serve_config(spec)
     assert _validated(config) == config
     app = config["applications"][0]
-    assert (app["name"], app["route_prefix"], app["import_path"]) == ("mimo", "/", "cluster.app:app_builder")
+    assert (app["name"], app["route_prefix"], app["import_path"]) == (
+        "mimo",
+        "/",
+        "cluster.serving.app:app_builder",
+    )
     gateway, attention = app["deployments"]
     assert gateway == {"name": "Gateway", "num_replicas": 2, "max_ongoing_requests": 512}
     expected = {"name": "Attention", "max_ongoing_requests": 128, "max_queued_requests": 256}
@@ -47,9 +58,9 @@ def test_args_rebuild_the_same_spec() -> None:
 
 def test_names_match_the_application() -> None:
     """Catches the config naming an application, builder or deployment the code does not have."""
-    app = importlib.import_module("cluster.app")
+    app = importlib.import_module("cluster.serving.app")
     module, attr = IMPORT_PATH.split(":")
-    assert module == "cluster.app" and callable(getattr(app, attr))
+    assert module == "cluster.serving.app" and callable(getattr(app, attr))
     assert app.APP_NAME == APP_NAME
     assert app.__file__ is not None
     source = Path(app.__file__).read_text()
@@ -60,7 +71,7 @@ def test_direct_streaming_config_names_the_deployments_the_application_builds() 
     """Catches a direct-streaming config naming the Gateway (which that application does not have:
     `serve deploy` would fail) or an application whose ingress is not the attention deployment
     with the route chooser beside it (HAProxy would have nothing to ask)."""
-    from cluster.app import build_application
+    from cluster.serving.app import build_application
 
     spec = ClusterSpec.from_dict({"gateway": {"direct_streaming": True}, "autoscaling": {"enabled": False}})
     config = render_serve_config(spec)
@@ -74,7 +85,7 @@ def test_direct_streaming_config_names_the_deployments_the_application_builds() 
     assert relay._bound_deployment.name == GATEWAY and relay._ingress_request_router is None
     # requests leave through HAProxy, never through the router's handle: it must count load from
     # the replicas' reports (with in-flight counts that never end, sessions drift off their caches)
-    from cluster.app import _router_config
+    from cluster.serving.app import _router_config
 
     assert _router_config(spec).request_router_kwargs["load_source"] == "reports"
     assert _router_config(ClusterSpec()).request_router_kwargs["load_source"] == "handle"
@@ -116,8 +127,8 @@ def test_rate_limits_are_shared_when_several_processes_serve_the_api(gateway: di
     """Catches per-key limits kept per process where several processes answer the API (a key
     would get its limit once per gateway or attention replica), and a store call on every request
     where one process answers alone."""
-    from cluster.app import build_application
-    from cluster.shared_limits import RATE_LIMITS
+    from cluster.serving.app import build_application
+    from cluster.serving.shared_limits import RATE_LIMITS
 
     spec = ClusterSpec.from_dict({"gateway": gateway, "autoscaling": {"enabled": False}})
     assert (RATE_LIMITS in _deployment_names(build_application(spec))) == shared

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cluster.shared_limits import RateLimitsDeployment, SharedLimits
+from cluster.serving.shared_limits import RateLimitsDeployment, SharedLimits
 from gateway.rate_limit import LocalLimits, Refusal
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.cli import EMBEDDED_MODEL, main
+from cluster.cli.main import EMBEDDED_MODEL, main
 from mimo.config import LayerType, MiMoConfig
 from mimo.tokenizer import Tokenizer
 from mimo.weights import load_model

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from cluster.inspect_report import deployment_memory, inspect_report, render_text
+from cluster.cli.inspect_report import deployment_memory, inspect_report, render_text
+from cluster.spec import EMBEDDED_MODEL
 
-EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-tiny"
 RELEASED_CONFIG = (
-    Path(__file__).resolve().parents[1] / "checkpoints" / "reference" / "mimo-v2-flash.config.json"
+    Path(__file__).resolve().parents[2] / "checkpoints" / "reference" / "mimo-v2-flash.config.json"
 )
 
 
@@ -100,7 +100,14 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from cluster.plan import load_hardware, load_traffic, model_numbers, plan_json, render_text, write_chart
+    from cluster.cli.plan import (
+        load_hardware,
+        load_traffic,
+        model_numbers,
+        plan_json,
+        render_text,
+        write_chart,
+    )
     from mimo.config import MiMoConfig
     from observability.capacity import plan
 
@@ -166,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--chart", type=Path, default=None, help="write a PNG of cost against load here")
     pln.set_defaults(func=_plan)
 
-    from cluster.serve_cli import add_parser as add_serve_parser
+    from cluster.cli.serve import add_parser as add_serve_parser
 
     add_serve_parser(sub)
-    from cluster.render_cli import add_parser as add_render_parser
+    from cluster.cli.render import add_parser as add_render_parser
 
     add_render_parser(sub)
     return parser

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cluster.k8s_monitoring import pod_monitor, prometheus_rule
-from cluster.serve_config import serve_config_yaml
+from cluster.k8s.monitoring import pod_monitor, prometheus_rule
+from cluster.serving.serve_config import serve_config_yaml
 from cluster.spec import DIRECT_STREAMING_ENV, EMBEDDED_MODEL, ClusterSpec
 
 Obj = dict[str, Any]

@@ -10,8 +10,8 @@ import time
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.app import APP_NAME, check_engine_fits
-from cluster.serve_config import render_serve_config
+from cluster.serving.app import APP_NAME, check_engine_fits
+from cluster.serving.serve_config import render_serve_config
 from cluster.spec import ClusterSpec
 
 

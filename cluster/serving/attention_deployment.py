@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.engine_clients import stream_request
-from cluster.metrics_ray import ray_metrics
-from cluster.request_metrics import RequestTimer, TTFTWindow, record_finished
+from cluster.serving.engine_clients import stream_request
+from cluster.serving.metrics_ray import ray_metrics
+from cluster.serving.request_metrics import RequestTimer, TTFTWindow, record_finished
 from cluster.spec import ClusterSpec
 from gateway.engine_client import EngineError
 from protocol.messages import Chunk, GenerateRequest, Refusal
@@ -125,7 +125,7 @@ class AttentionDeployment:
         return routing_stats(report)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """What the application autoscaling policy reads (cluster.metrics_source STAT_* keys)."""
+        """What the application autoscaling policy reads (cluster.serving.metrics_source STAT_* keys)."""
         snap = self.engine.snapshot()
         stats = {
             "kv_usage": snap.kv_usage.get("full", 0.0),

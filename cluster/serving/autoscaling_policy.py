@@ -3,10 +3,10 @@
 `MimoAutoscalingPolicy` is a class-callable policy: Serve instantiates it once in the controller
 with `policy_kwargs` and calls it every control-loop tick with {DeploymentID: AutoscalingContext};
 it returns ({DeploymentID: target replicas}, {DeploymentID: policy state}). It reads the metrics
-(Prometheus through `cluster.metrics_source.PromQL`, polled off-thread, else the replicas'
+(Prometheus through `cluster.serving.metrics_source.PromQL`, polled off-thread, else the replicas'
 `record_autoscaling_stats`), asks `cluster.autoscaling` for decisions, and records them as metrics.
 
-How the composition root (cluster/app.py, the Serve config) plugs it in:
+How the composition root (cluster/serving/app.py, the Serve config) plugs it in:
 
 1. Attention deployment options: `autoscaling_config=attention_autoscaling_config(spec)` and NO
    `num_replicas` (Serve refuses both). It sets min/max/initial replicas from `spec.attention` and
@@ -14,11 +14,11 @@ How the composition root (cluster/app.py, the Serve config) plugs it in:
    top of an application policy, and the delays, hysteresis and cooldown here must be the only
    ones. Deployments without `autoscaling_config` (the gateway) are not given to the policy.
 2. The Attention replica class defines `record_autoscaling_stats(self) -> dict[str, float]`
-   returning the `STAT_*` keys of `cluster.metrics_source` (kv_usage, num_waiting, num_running,
+   returning the `STAT_*` keys of `cluster.serving.metrics_source` (kv_usage, num_waiting, num_running,
    and ttft_p90_s / expert_busy_ratio when it has them; omit a key rather than send NaN).
 3. The application entry of the Serve config carries
    `"autoscaling_policy": application_autoscaling_policy(spec, prometheus_url=...)`, i.e.
-   {"policy_function": "cluster.autoscaling_policy:MimoAutoscalingPolicy", "policy_kwargs": {...}}.
+   {"policy_function": "cluster.serving.autoscaling_policy:MimoAutoscalingPolicy", "policy_kwargs": {...}}.
    In 2.60 ONLY the declarative path reads it: deploy with
    `ServeDeploySchema(applications=[ServeApplicationSchema(..., autoscaling_policy=...)])` through
    `ray.serve._private.api.serve_start(...).deploy_apps(config)` (what `serve deploy` does);
@@ -43,7 +43,7 @@ from cluster.autoscaling import (
     ScalingConfig,
     decide_attention,
 )
-from cluster.metrics_source import (
+from cluster.serving.metrics_source import (
     BackgroundPoller,
     PrometheusSource,
     Snapshots,
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray.serve")
 
-POLICY_PATH = "cluster.autoscaling_policy:MimoAutoscalingPolicy"
+POLICY_PATH = "cluster.serving.autoscaling_policy:MimoAutoscalingPolicy"
 ATTENTION_DEPLOYMENT = "Attention"
 
 
@@ -159,7 +159,7 @@ class MimoAutoscalingPolicy:
         if d.target != previous:
             logger.info("mimo autoscaling: %s %d -> %d (%s: %s)", pool, previous, d.target, d.cause, d.reason)
         if self._record_metrics and self.metrics is None:
-            from cluster.metrics_ray import ray_metrics
+            from cluster.serving.metrics_ray import ray_metrics
 
             self.metrics = ray_metrics()
         if self.metrics is not None:

@@ -11,9 +11,9 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.engine_clients import ServeEngineClient
-from cluster.metrics_ray import ray_metrics
-from cluster.shared_limits import SharedLimits
+from cluster.serving.engine_clients import ServeEngineClient
+from cluster.serving.metrics_ray import ray_metrics
+from cluster.serving.shared_limits import SharedLimits
 from cluster.spec import ClusterSpec
 from gateway.config import GatewayConfig
 from gateway.rate_limit import Limits, LocalLimits
@@ -65,7 +65,7 @@ async def is_app_ready(pool: DeploymentHandle | None) -> bool:
 
 def api_limits(config: GatewayConfig, store: DeploymentHandle | None) -> Limits:
     """This process's per-key limits, or the shared store's when the application has one
-    (`cluster.shared_limits`: more than one process serves the API)."""
+    (`cluster.serving.shared_limits`: more than one process serves the API)."""
     local = LocalLimits(config.requests_per_minute, config.tokens_per_minute)
     return local if store is None else SharedLimits(store, local)
 

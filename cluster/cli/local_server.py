@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from cluster.engine_clients import InProcessEngineClient
+from cluster.serving.engine_clients import InProcessEngineClient
 from gateway.api import build_app
 from gateway.config import GatewayConfig
 from mimo.tokenizer import Tokenizer

@@ -1,11 +1,11 @@
 """Direct streaming, replica side: an `Attention` replica that also serves the OpenAI API, so HAProxy
 can send a client's request straight to the replica the route chooser picked
-(`cluster/route_chooser.py`) and its chunks go back over one HTTP connection, with no gateway replica
+(`cluster/serving/route_chooser.py`) and its chunks go back over one HTTP connection, with no gateway replica
 relaying each chunk over Ray (`spec.gateway.direct_streaming`).
 
 The API is the gateway's own (`gateway.api.build_app`) over this replica's engine, with every
 request timed into the replica's metrics like a relayed one. Per-key rate limits are the
-application's shared store when limits are set (`cluster.shared_limits`: a tenant's requests spread
+application's shared store when limits are set (`cluster.serving.shared_limits`: a tenant's requests spread
 over every replica); `/ready` asks the same application-wide question as the gateway.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from cluster.attention_deployment import AttentionDeployment
-from cluster.gateway_deployment import api_limits, gateway_config, is_app_ready
-from cluster.metrics_ray import ray_metrics
+from cluster.serving.attention_deployment import AttentionDeployment
+from cluster.serving.gateway_deployment import api_limits, gateway_config, is_app_ready
+from cluster.serving.metrics_ray import ray_metrics
 from cluster.spec import ClusterSpec
 from gateway.engine_client import EngineClient
 from protocol.messages import Chunk, GenerateRequest

@@ -3,7 +3,7 @@
 `gateway.direct_streaming`, HAProxy -> `Attention` (the API in each replica; `RouteChooser` picks it).
 
 `app_builder({"spec": ...})` is the import path of the rendered Serve config, which `serve deploy`,
-KubeRay and `mimo serve` (`cluster/deploy.py`) all deploy. Deployment options that belong to code
+KubeRay and `mimo serve` (`cluster/serving/deploy.py`) all deploy. Deployment options that belong to code
 (resources, runtime env, the request router, autoscaling) are set here.
 """
 
@@ -15,14 +15,14 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
-from cluster.attention_deployment import AttentionDeployment, engine_config
-from cluster.autoscaling_policy import attention_autoscaling_config
-from cluster.direct_attention import DirectAttentionDeployment
-from cluster.expert_pool_deployment import ExpertPoolDeployment
-from cluster.gateway_deployment import APP_NAME, GatewayDeployment
-from cluster.route_chooser import RouteChooser
-from cluster.serve_config import ROUTE_CHOOSER
-from cluster.shared_limits import MAX_ONGOING_CALLS, RATE_LIMITS, RateLimitsDeployment
+from cluster.serving.attention_deployment import AttentionDeployment, engine_config
+from cluster.serving.autoscaling_policy import attention_autoscaling_config
+from cluster.serving.direct_attention import DirectAttentionDeployment
+from cluster.serving.expert_pool_deployment import ExpertPoolDeployment
+from cluster.serving.gateway_deployment import APP_NAME, GatewayDeployment
+from cluster.serving.route_chooser import RouteChooser
+from cluster.serving.serve_config import ROUTE_CHOOSER
+from cluster.serving.shared_limits import MAX_ONGOING_CALLS, RATE_LIMITS, RateLimitsDeployment
 from cluster.spec import ClusterSpec, SpecError
 
 ROUTING_STATS_PERIOD_S = 0.5  # how often Serve polls each attention replica for its report
@@ -125,7 +125,7 @@ def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | N
 
 
 def _shared_limits(spec: ClusterSpec) -> Application | None:
-    """The store of per-key limits every API-serving process shares (`cluster.shared_limits`), when
+    """The store of per-key limits every API-serving process shares (`cluster.serving.shared_limits`), when
     limits are set and more than one process serves the API; None keeps them in the one process."""
     g = spec.gateway
     if g.requests_per_minute is None and g.tokens_per_minute is None:
@@ -154,7 +154,7 @@ def _router_config(spec: ClusterSpec) -> RequestRouterConfig:
         stale_after_s=r.stale_after_s,
         guess_ttl_s=r.guess_ttl_s,
         max_routing_wait_s=r.max_routing_wait_s,
-        metrics_factory="cluster.metrics_ray:ray_metrics",  # the router loads it in its own process
+        metrics_factory="cluster.serving.metrics_ray:ray_metrics",  # the router loads it in its own process
         # several gateways (each with its own router) share their guesses; one has nobody to tell
         route_board=f"{APP_NAME}-route-board" if spec.gateway.num_replicas > 1 and not direct else "",
         # direct streaming: requests leave through HAProxy, so the router never sees them end

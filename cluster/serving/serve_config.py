@@ -1,6 +1,6 @@
 """The Ray Serve config (the YAML `serve deploy` and KubeRay's `serveConfigV2` accept) of a spec.
 
-One application, built by `cluster.app:app_builder` from the whole spec passed as `args`, so the
+One application, built by `cluster.serving.app:app_builder` from the whole spec passed as `args`, so the
 config file carries every setting and nothing else needs to travel with it. Per-deployment options
 that Serve reads from the config (replicas, in-flight and queue limits) are filled in from the
 spec; actor resources, autoscaling and the request router stay in code, which owns those APIs.
@@ -12,13 +12,13 @@ from typing import Any
 
 import yaml
 
-from cluster.autoscaling_policy import application_autoscaling_policy
+from cluster.serving.autoscaling_policy import application_autoscaling_policy
 from cluster.spec import ClusterSpec
 
 APP_NAME = "mimo"
-IMPORT_PATH = "cluster.app:app_builder"
+IMPORT_PATH = "cluster.serving.app:app_builder"
 GATEWAY = "Gateway"
-ROUTE_CHOOSER = "RouteChooser"  # direct streaming's ingress request router (cluster/route_chooser.py)
+ROUTE_CHOOSER = "RouteChooser"  # direct streaming's ingress request router (cluster/serving/route_chooser.py)
 ATTENTION = "Attention"
 
 

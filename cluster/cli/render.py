@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cluster.k8s_render import render_manifests
-from cluster.k8s_tree import OVERLAYS, apply_overlay, dump_yaml, render_tree, write_tree
+from cluster.k8s.render import render_manifests
+from cluster.k8s.tree import OVERLAYS, apply_overlay, dump_yaml, render_tree, write_tree
 from cluster.spec import ClusterSpec
 
 

@@ -3,7 +3,7 @@ the URL, and tear everything down on Ctrl-C. `--print-config` prints the equival
 (`serve deploy` compatible) and exits.
 
 A cluster it starts is private: bound to loopback, with Ray's token auth on and a token made for
-it (`cluster.ray_auth`); joining one (`--address`) needs that cluster's token."""
+it (`cluster.serving.ray_auth`); joining one (`--address`) needs that cluster's token."""
 
 from __future__ import annotations
 
@@ -36,11 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = ClusterSpec.load(args.config)
     if args.print_config:
-        from cluster.serve_config import serve_config_yaml
+        from cluster.serving.serve_config import serve_config_yaml
 
         print(serve_config_yaml(spec), end="")
         return 0
-    from cluster.ray_auth import RayAuthError, new_cluster_token, use_join_token
+    from cluster.serving.ray_auth import RayAuthError, new_cluster_token, use_join_token
 
     token = None
     try:
@@ -67,8 +67,8 @@ def _serve(spec: ClusterSpec, address: str | None) -> int:
     import ray
     from ray import serve
 
-    from cluster.app import APP_NAME, check_engine_fits, fit_to_machine, required_cpus
-    from cluster.deploy import deploy
+    from cluster.serving.app import APP_NAME, check_engine_fits, fit_to_machine, required_cpus
+    from cluster.serving.deploy import deploy
 
     check_engine_fits(spec)  # a bad spec fails here, naming the field, before Ray starts
     if address:

@@ -15,7 +15,7 @@ from mimo.config import LayerType, MiMoConfig
 from mimo.sizes import param_counts
 from observability.capacity import GB, Hardware, Lengths, ModelNumbers, Plan, Traffic, cost_curve
 
-PROFILES = Path(__file__).resolve().parents[1] / "observability" / "profiles"
+PROFILES = Path(__file__).resolve().parents[2] / "observability" / "profiles"
 WEIGHT_FORMATS = ("fp8", "bf16", "fp32")
 
 

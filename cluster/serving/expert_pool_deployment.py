@@ -18,8 +18,8 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from cluster.autoscaling import ExpertSnapshot, PoolState, decide_experts
-from cluster.autoscaling_policy import scaling_config
-from cluster.metrics_ray import ray_metrics
+from cluster.serving.autoscaling_policy import scaling_config
+from cluster.serving.metrics_ray import ray_metrics
 from cluster.spec import ClusterSpec
 
 if TYPE_CHECKING:  # the replicas package (torch) loads in the deployment's process, not at import
