@@ -13,6 +13,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from replicas.engine.engine_config import EngineConfig
+
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-tiny"
 
 
@@ -47,12 +49,25 @@ class ModelSpec(_Spec):
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype of weights and KV")
 
 
+_ENGINE = EngineConfig()  # one source for the engine's defaults: the engine's own
+
+
 class EngineSpec(_Spec):
-    block_size: int = Field(16, ge=1, description="tokens per KV block (also the prefix-hash block)")
-    kv_cache_mib: int = Field(256, ge=1, description="KV cache budget per attention replica, MiB")
-    max_num_seqs: int = Field(64, ge=1, description="most requests running at once per replica")
-    max_num_batched_tokens: int = Field(1024, ge=16, description="token budget of one engine step")
-    max_prefill_chunk: int = Field(512, ge=1, description="longest prefill chunk of one request per step")
+    block_size: int = Field(
+        _ENGINE.block_size, ge=1, description="tokens per KV block (also the prefix-hash block)"
+    )
+    kv_cache_mib: int = Field(
+        _ENGINE.kv_cache_bytes // 2**20, ge=1, description="KV cache budget per attention replica, MiB"
+    )
+    max_num_seqs: int = Field(
+        _ENGINE.max_num_seqs, ge=1, description="most requests running at once per replica"
+    )
+    max_num_batched_tokens: int = Field(
+        _ENGINE.max_num_batched_tokens, ge=16, description="token budget of one engine step"
+    )
+    max_prefill_chunk: int = Field(
+        _ENGINE.max_prefill_chunk, ge=1, description="longest prefill chunk of one request per step"
+    )
     max_model_len: int | None = Field(None, ge=2, description="context limit; default the model's")
     num_mtp_drafts: int = Field(0, ge=0, le=3, description="MTP draft tokens per step (0 = off)")
     max_draft_batch: int | None = Field(

@@ -20,6 +20,7 @@ from cluster.serving.autoscaling_policy import attention_autoscaling_config
 from cluster.serving.direct_attention import DirectAttentionDeployment
 from cluster.serving.expert_pool_deployment import ExpertPoolDeployment
 from cluster.serving.gateway_deployment import APP_NAME, GatewayDeployment
+from cluster.serving.ray_private import with_ingress_request_router
 from cluster.serving.route_chooser import RouteChooser
 from cluster.serving.serve_config import ROUTE_CHOOSER
 from cluster.serving.shared_limits import MAX_ONGOING_CALLS, RATE_LIMITS, RateLimitsDeployment
@@ -114,7 +115,7 @@ def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | N
             max_ongoing_requests=spec.gateway.max_pending_requests,
             ray_actor_options={"num_cpus": 0},
         )(RouteChooser).bind(spec, attention)
-        return attention._with_ingress_request_router(chooser)  # Ray Serve LLM's direct streaming hook
+        return with_ingress_request_router(attention, chooser)
     gateway = serve.deployment(
         name="Gateway",
         num_replicas=spec.gateway.num_replicas,

@@ -21,7 +21,7 @@ How the composition root (cluster/serving/app.py, the Serve config) plugs it in:
    {"policy_function": "cluster.serving.autoscaling_policy:MimoAutoscalingPolicy", "policy_kwargs": {...}}.
    In 2.60 ONLY the declarative path reads it: deploy with
    `ServeDeploySchema(applications=[ServeApplicationSchema(..., autoscaling_policy=...)])` through
-   `ray.serve._private.api.serve_start(...).deploy_apps(config)` (what `serve deploy` does);
+   `cluster.serving.ray_private.start_serve(...).deploy_apps(config)` (what `serve deploy` does);
    `serve.run(app)` ignores application-level policies.
 
 The expert pool is not scaled here: its shards are Ray actors owned by the `ExpertPool` deployment,

@@ -11,6 +11,7 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from cluster.serving.app import APP_NAME, check_engine_fits
+from cluster.serving.ray_private import start_serve
 from cluster.serving.serve_config import render_serve_config
 from cluster.spec import ClusterSpec
 
@@ -18,15 +19,10 @@ from cluster.spec import ClusterSpec
 def deploy(spec: ClusterSpec, timeout_s: float = 300.0) -> None:
     """Starts Serve (if needed) with the spec's HTTP options and deploys its application; returns
     once the application is RUNNING, raising with Serve's message if it fails."""
-    from ray.serve._private.api import serve_start
-
     check_engine_fits(spec)
     config = ServeDeploySchema.model_validate(render_serve_config(spec))
-    client = serve_start(
-        http_options={"host": spec.gateway.host, "port": spec.gateway.port},
-        proxy_location=spec.gateway.proxy_location,
-    )
-    client.deploy_apps(config)
+    g = spec.gateway
+    start_serve(g.host, g.port, g.proxy_location).deploy_apps(config)
     wait_running(timeout_s)
 
 

@@ -6,7 +6,6 @@ engine's own `protocol.messages.Chunk`s, which travel to the gateway unchanged.
 
 from __future__ import annotations
 
-import contextvars
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -50,18 +49,6 @@ class InProcessEngineClient(EngineClient):
         return self.engine.is_alive()
 
 
-def _own_request_context(request_id: str) -> contextvars.Context:
-    """A copy of this task's context in which Serve's request context carries `request_id` as its
-    internal id. Serve's router keys pending requests by that id, which a handle call otherwise
-    inherits from the HTTP request: the n sub-requests of one API call shared it, and Serve's
-    routing loop, matching each chosen replica to the first of them, spun forever."""
-    from ray.serve import context as serve_context
-
-    copied = contextvars.copy_context()
-    copied.run(serve_context._set_request_context, _internal_request_id=request_id)
-    return copied
-
-
 class ServeEngineClient(EngineClient):
     """Calls the Attention deployment's `generate(request)`, a Serve stream of `Chunk`s (or one
     `Refusal` first). A replica that dies mid-request ends the request with a retriable 503, never
@@ -74,9 +61,10 @@ class ServeEngineClient(EngineClient):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
         from ray.serve.exceptions import BackPressureError
 
+        from cluster.serving.ray_private import own_request_context
         from router.serve_adapter import RoutingTimeout
 
-        response = _own_request_context(request.request_id).run(self.handle.generate.remote, request)
+        response = own_request_context(request.request_id).run(self.handle.generate.remote, request)
         finished = False
         try:
             async for item in response:

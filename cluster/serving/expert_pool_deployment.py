@@ -105,11 +105,11 @@ class ExpertPoolDeployment:
             elapsed, last = now - last, now
             counts: dict[tuple[int, int], int] = defaultdict(int)
             busy = []
-            for shard, s in enumerate(stats):
-                shard_counts: dict[tuple[int, int], int] = s["token_counts"]
+            for shard, s in enumerate(stats):  # replicas.experts.expert_shard.ShardStats
+                shard_counts = s.token_counts
                 for key, n in shard_counts.items():
                     counts[key] += n
-                busy.append(min(1.0, float(s["compute_s"]) / elapsed))
+                busy.append(min(1.0, s.compute_s / elapsed))
                 self.metrics.shard_load(
                     shard=shard, num_tokens=sum(shard_counts.values()), busy_ratio=busy[-1]
                 )

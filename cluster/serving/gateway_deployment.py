@@ -23,9 +23,9 @@ APP_NAME = "mimo"
 
 def max_model_len(spec: ClusterSpec) -> int:
     from mimo.config import MiMoConfig
+    from replicas.engine.engine_config import context_limit
 
-    limit = MiMoConfig.from_file(f"{spec.model.path}/config.json").max_position_embeddings
-    return min(spec.engine.max_model_len or limit, limit)
+    return context_limit(MiMoConfig.from_file(f"{spec.model.path}/config.json"), spec.engine.max_model_len)
 
 
 def gateway_config(spec: ClusterSpec) -> GatewayConfig:

@@ -40,6 +40,7 @@ class RouteChooser:
 
     @route_app.post("/internal/route")
     async def route(self, request: Request) -> dict[str, Any]:
+        from cluster.serving.ray_private import choose_without_reserving, replica_endpoint
         from gateway.auth import claimed_cache_salt
         from gateway.routing_prompt import routing_prompt
         from protocol.messages import GenerateRequest
@@ -49,11 +50,6 @@ class RouteChooser:
         salt = claimed_cache_salt(request.headers.get("authorization")) if self.keyed else None
         # what the router reads of a request: its prompt and tenant (nothing is generated here)
         probe = GenerateRequest("route-choice", token_ids, SamplingParams(), salt)
-        # _reserve=False: the request goes out through HAProxy, not this handle, so no slot is held
-        async with self.attention.choose_replica(probe, _reserve=False) as chosen:
-            replica = chosen._replica  # Ray's own route chooser reads the endpoint the same way
-            endpoint = replica.backend_http_endpoint
-            if endpoint is None:
-                raise RuntimeError(f"replica {replica.replica_id} serves no HTTP endpoint")
-            host, port = endpoint
-            return {"host": host, "port": port, "replica_id": replica.replica_id.to_full_id_str()}
+        async with choose_without_reserving(self.attention, probe) as replica:
+            host, port, replica_id = replica_endpoint(replica)
+            return {"host": host, "port": port, "replica_id": replica_id}

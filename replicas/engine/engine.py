@@ -18,7 +18,7 @@ from mimo.model import MiMoForCausalLM
 from mimo.tokenizer import IncrementalDetokenizer, Tokenizer
 from protocol.messages import Chunk, GenerateRequest, TokenLogprobs, Usage
 from protocol.sampling import InvalidSamplingParameter
-from replicas.engine.engine_config import EngineConfig, build_layout
+from replicas.engine.engine_config import EngineConfig, build_layout, context_limit
 from replicas.engine.kv_cache import KVCacheManager
 from replicas.engine.requests import EngineRequest, RequestUpdate
 from replicas.engine.runner import ModelRunner
@@ -61,8 +61,7 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.model_config = model.config
-        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
-                                 model.config.max_position_embeddings)  # fmt: skip
+        self.max_model_len = context_limit(model.config, config.max_model_len)
         config.validate(model.config, checkpoint=model.source)  # names the checkpoint on a bad MTP ask
         layout = build_layout(model.config, config)
         self.kv_cache = KVCacheManager(layout, enable_prefix_cache=config.enable_prefix_cache)

@@ -18,10 +18,11 @@ from replicas.engine.kv_layout import KVLayout, plan_layout
 
 @dataclass(frozen=True)
 class EngineConfig:
+    # the served defaults: `cluster.spec.EngineSpec` takes its defaults from these
     block_size: int = 16
-    kv_cache_bytes: int = 512 * 2**20
+    kv_cache_bytes: int = 256 * 2**20
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 1024
     max_prefill_chunk: int = 512
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_mtp_drafts: int = 0  # 0 = no speculative decoding; up to the checkpoint's MTP blocks
@@ -79,11 +80,17 @@ def single_sequence_budget(model: MiMoConfig, config: EngineConfig, max_len: int
     ) + bs * (full + swa)
 
 
+def context_limit(model: MiMoConfig, max_model_len: int | None) -> int:
+    """The context a replica serves: the configured limit, never past the model's positions (the
+    one place this clamp is written: the engine, the KV layout and the gateway all ask it)."""
+    return min(max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+
+
 def build_layout(model: MiMoConfig, config: EngineConfig) -> KVLayout:
     config.validate(model)
     full, swa = pool_bytes_per_token(model, config)
     full_bytes, swa_bytes = full * config.block_size, swa * config.block_size
-    max_model_len = min(config.max_model_len or model.max_position_embeddings, model.max_position_embeddings)
+    max_model_len = context_limit(model, config.max_model_len)
     return plan_layout(
         budget_bytes=config.kv_cache_bytes,
         full_bytes_per_block=max(1, full_bytes),

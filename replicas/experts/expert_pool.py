@@ -36,7 +36,7 @@ from mimo.device import device_for_gpus
 from replicas.experts.cpu_policy import run_as_batch_worker
 from replicas.experts.dispatch import ExpertDispatcher
 from replicas.experts.expert_placement import ExpertKey, ExpertPlacement
-from replicas.experts.expert_shard import ExpertShard
+from replicas.experts.expert_shard import ExpertShard, ShardStats
 from replicas.experts.transport_ray import RayTransport
 from replicas.experts.wire import unpack
 
@@ -70,7 +70,7 @@ class ExpertShardActor:
     def keys(self) -> list[ExpertKey]:
         return self.shard.keys
 
-    def drain_stats(self) -> dict[str, object]:
+    def drain_stats(self) -> ShardStats:
         with self.lock:
             return self.shard.drain_stats()
 
@@ -140,7 +140,7 @@ class ExpertPool:
         ray.get(finalize_calls(self.actors, placement))
         return int(loaded)
 
-    def drain_stats(self) -> list[dict[str, object]]:
+    def drain_stats(self) -> list[ShardStats]:
         return list(ray.get([a.drain_stats.remote() for a in self.actors]))
 
     def shutdown(self) -> None:

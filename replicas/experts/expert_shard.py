@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,6 +23,15 @@ from mimo.config import MiMoConfig
 from mimo.moe import Experts, Routing
 from mimo.weights import load_tensors, move_buffers, select_names, stack_experts
 from replicas.experts.expert_placement import ExpertKey
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """What a shard computed since its last drain (sent to the pool that owns it)."""
+
+    token_counts: dict[tuple[int, int], int]  # (layer, expert) -> token rows
+    compute_s: float
+    num_messages: int
 
 
 class ExpertShard:
@@ -100,7 +110,7 @@ class ExpertShard:
         self.num_messages += 1
         return out
 
-    def drain_stats(self) -> dict[str, object]:
+    def drain_stats(self) -> ShardStats:
         """Per-expert token counts and compute seconds since the last drain."""
         token_counts = {
             (layer, e): int(n)
@@ -108,11 +118,7 @@ class ExpertShard:
             for e, n in enumerate(c.tolist())
             if n
         }
-        stats: dict[str, object] = {
-            "token_counts": token_counts,
-            "compute_s": self.compute_s,
-            "messages": self.num_messages,
-        }
+        stats = ShardStats(token_counts, self.compute_s, self.num_messages)
         self.token_counts = {}
         self.compute_s = 0.0
         self.num_messages = 0

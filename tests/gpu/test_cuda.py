@@ -200,7 +200,7 @@ def test_expert_shards_on_cuda_behind_the_dispatcher_equal_the_whole_model(num_s
     engine = _engine(attention, 3, dispatcher=dispatcher)
     got = _greedy_tokens(engine, _prompts())
     assert [tuple(g) for g in got] == list(_transformers_greedy())
-    counts = [shard.drain_stats()["token_counts"] for shard in shards]
+    counts = [shard.drain_stats().token_counts for shard in shards]
     assert all(counts), "every shard computed rows"
 
 

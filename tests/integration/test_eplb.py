@@ -12,6 +12,7 @@ import torch
 from replicas.experts.dispatch import ExpertDispatcher
 from replicas.experts.expert_placement import ExpertKey, LoadTracker, initial_placement, rebalance
 from replicas.experts.expert_pool import ExpertPool, ShardResources
+from replicas.experts.expert_shard import ShardStats
 from tests.factory import random_config_dict, random_model
 from tests.integration.test_expert_pool import PROMPTS, _engine, _outputs
 
@@ -38,11 +39,10 @@ def _skewed_checkpoint(path: Path) -> None:
     (path / "config.json").write_text(json.dumps(to_hub_dict(config)))
 
 
-def _shard_loads(stats: list[dict[str, object]], layer: int) -> list[int]:
+def _shard_loads(stats: list[ShardStats], layer: int) -> list[int]:
     loads = []
     for s in stats:
-        counts = s["token_counts"]
-        assert isinstance(counts, dict)
+        counts = s.token_counts
         loads.append(sum(n for (lay, _), n in counts.items() if lay == layer))
     return loads
 
@@ -63,7 +63,7 @@ def test_rebalance_under_traffic(ray_cluster: object, tmp_path: Path) -> None:
         before = _shard_loads(stats, 1)
         merged: dict[ExpertKey, int] = {}
         for s in stats:
-            merged.update(s["token_counts"])  # type: ignore[arg-type]
+            merged.update(s.token_counts)
         tracker = LoadTracker(decay=0.0)
         tracker.update(merged)
         new = rebalance(tracker.load, moe_layers, 16, 4, num_redundant=4)

@@ -57,7 +57,7 @@ def test_dispatched_moe_equals_in_model(
         with torch.no_grad():
             torch.testing.assert_close(dispatcher.run(layer, x, routing), moe(x), rtol=0, atol=1e-5)
     if num_redundant:  # every copy of a replicated expert received tokens
-        counts = [shard.drain_stats()["token_counts"] for shard in shards]
+        counts = [shard.drain_stats().token_counts for shard in shards]
         for (layer, e), holders in placement.copies.items():
             if len(holders) > 1 and layer == moe_layers[0]:
                 got = [counts[s].get((layer, e), 0) for s in holders]  # type: ignore[union-attr]
