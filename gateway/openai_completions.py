@@ -30,11 +30,13 @@ def completion_prompts(body: CompletionRequest, tokenizer: Tokenizer) -> list[li
         return [tokenizer.encode(prompt)]
     if not prompt:
         raise APIError(400, "prompt is empty", "prompt")
-    if all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]  # type: ignore[arg-type]
-    if all(isinstance(p, str) for p in prompt):
-        return [tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
-    return [list(p) for p in prompt]  # type: ignore[arg-type]
+    ids = [p for p in prompt if isinstance(p, int)]
+    if len(ids) == len(prompt):  # one prompt of token ids
+        return [ids]
+    texts = [p for p in prompt if isinstance(p, str)]
+    if len(texts) == len(prompt):
+        return [tokenizer.encode(p) for p in texts]
+    return [list(p) for p in prompt if isinstance(p, list)]
 
 
 def _logprobs(tokenizer: Tokenizer, chunk: Chunk, offset: int) -> dict[str, Any]:

@@ -1,39 +1,21 @@
 """`linear` and `Linear`: y = x @ W.T, laid out for the decode step's few rows on the CPU.
 
 A decode step multiplies a handful of rows by every weight of the model, and between two uses of a
-layer the rest of the model has passed through the cache (the tiny model alone is 48 MB in fp32, the
-L3 here 32 MB), so each matmul reads its weight from memory. For fp32 with 2-32 rows MKL's
-x @ W.T reads a cold weight slowly; W @ x.T (the weight as the long left operand) streams it 1.4-3x
-faster. Measured here (2 cores, each weight evicted before its call, median of 3 x 60): lm_head
-[4096, 256] at 8 rows 838 -> 365 us, at 32 rows 1,291 -> 928 us; [896, 256] at 8 rows 196 -> 91 us;
-with one thread the gain holds up to 8 rows (835 -> 558 us) and turns into a loss at 16 (976 ->
-1,033 us). In the engine, two interleaved A/Bs in one process (median step): a batch-8 fp32 decode
-step 10.9 -> 9.5 and 13.0 -> 10.1 ms, batch 32 16.4 -> 15.6 and 17.2 -> 17.2 ms. bf16 weights
-gain nothing this way (x @ W.T already streams them at ~10 GB/s), nor does one row or a prefill
-chunk, nor CUDA: those take `F.linear`.
+layer the rest of the model has passed through the cache, so each matmul reads its weight from
+memory. Three CPU paths follow from that (numbers in `benchmarks/NOTES.md`):
+- fp32 with 2-32 rows computes W @ x.T (the weight as the long left operand), which streams a cold
+  weight 1.4-3x faster than MKL's x @ W.T; bf16, one row, prefill chunks and CUDA take `F.linear`;
+- one row of a small bf16/fp16 weight takes ATen's gemv with oneDNN switched off for the call
+  (oneDNN costs ~25 us per call whatever the size); the switch is process-wide for the call's
+  duration, so another thread's matmul in that window takes ATen's kernel too (only its speed
+  changes);
+- a weight may carry a `PackedWeight` (oneDNN's blocked copy, made once, twice the memory), which
+  decode-size row counts (2-64, and one row of a large weight) read as it lies.
 
-One row of a small bf16/fp16 weight (batch-1 decode: the experts, projections, dense MLP) takes
-ATen's own gemv with oneDNN switched off for the call: oneDNN costs ~25 us per call whatever the
-size, its gemv 6-16 us here for the tiny model's [192, 256] / [256, 96] / [256, 384] weights
-(27 -> 10 us hot for the first). Large weights (the [960, 256] fused QKV, lm_head) gain nothing,
-and two or more rows are 2-4x slower without oneDNN, so both keep `F.linear`. The switch is
-process-wide for the call's duration; another thread's matmul in that window takes ATen's kernel
-too, which changes only its speed.
-
-A weight can also carry a `PackedWeight`: oneDNN's blocked copy, made once, which decode-size row
-counts (2-64, and one row of a large weight) then use. F.linear and MKL re-lay a plain weight out
-on every call; a packed one is read as it lies. Measured here (each weight evicted before its call): bf16
-lm_head [4096, 256] at 8 rows 408 -> 243 us, the stacked experts [3072, 256] 338 -> 192 us; fp32
-712 -> 353 us and 494 -> 303 us (W @ x.T included); equal or faster at every row count up to
-2,048 hot. The pack doubles the memory of the weights packed.
-
-Low-precision matmuls on the CPU run in oneDNN, which compiles and caches a kernel for every
-shape it sees (~0.5-1 MB each, up to 1,024 of them). A server's row counts change with every
-prefill chunk and every expert's share of it: under prompts of random lengths a bf16 engine grew
-from 0.4 to 1.4 GB, one kernel per (rows, weight shape), while fp32 (MKL, nothing cached per shape)
-stayed flat. So every low-precision matmul of 2+ rows here sees a bucketed row count
-(`row_bucket`: multiples of 8 up to 64, then 4 steps per power of two, at most 25% padding), padded
-with zero rows; each weight shape then gets a few dozen kernels at most, reused ever after.
+oneDNN compiles and caches a kernel for every shape it sees, so every low-precision matmul of 2+
+rows sees a bucketed row count (`row_bucket`: multiples of 8 up to 64, then 4 steps per power of
+two, at most 25% padding), padded with zero rows: each weight shape gets a few dozen kernels at
+most, and a server's memory stays flat under prompts of any length.
 
 The result equals `F.linear` up to the order of float additions (a different kernel), as any change
 of batch size already gives.

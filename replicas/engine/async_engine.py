@@ -82,10 +82,7 @@ class AsyncEngine:
         event) pays once per backlog instead of once per token, so it catches up instead of falling
         further behind the engine. Pacing (`stream_interval_s`) makes that the rule: every token still
         leaves within the interval, and the hops behind (replica -> gateway -> proxy) carry a chunk per
-        interval instead of one per step. Measured with `benchmarks/routing.py --policies ours` (4
-        replicas on 2 cores, two run sets of 3 each way): at 20 ms, median TTFT p50 72 and 81 ms
-        against 89 and 98 without, p99 269 and 324 against 350 and 325, requests/s 7.44 against
-        7.26."""
+        interval instead of one per step (lower TTFT under load: `benchmarks/NOTES.md`)."""
         finished = False
         error: BaseException | None = None
         last_sent: float | None = None

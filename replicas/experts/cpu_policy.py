@@ -3,7 +3,7 @@
 A dispatcher sends one message per shard per MoE layer. Under the default policy (SCHED_OTHER) the
 first shard woken by its message preempts the dispatcher on a shared core while it is still
 sending to the others, so the fan-out itself stretches by a shard's compute per message
-(measured here, 4 gloo shards on 2 cores: sending took 820 µs instead of 210). SCHED_BATCH keeps
+(`benchmarks/NOTES.md`: 4x longer with 4 shards on 2 cores). SCHED_BATCH keeps
 the shard's fair share of CPU but lets it not preempt on wake-up: the caller finishes its fan-out,
 then the shards run. Where shards have cores of their own (a GPU node) the policy changes nothing.
 """

@@ -2,18 +2,10 @@
 
 Each actor loads only its (layer, expert) weights. Actors restart when their process dies
 (`max_restarts`) and Ray retries the in-flight `compute` call on the restarted actor
-(`max_task_retries`), so a killed shard costs a step's latency, never a request. `RayTransport`
-fans one message per shard out as async actor calls, each carrying one packed fp32 numpy array
-(`wire.py`): numpy crosses the object store zero-copy and serializes ~30% faster than three torch
-tensors. Ray compiled graphs (`experimental_compile`) would cut a call to ~1/3, but an actor runs
-one compiled graph at a time, only its compiling process may call it and an actor death shuts the
-graph down: no M-to-N sharing, no EPLB calls beside it, no restart-and-retry. They are not used.
-Nor are their shared-memory channels on their own (`ray.experimental.channel.Channel`, one link
-per caller and shard; tried: a layer call 1.4-2.1x faster than plain calls here): a channel's
-reader busy-polls with `sched_yield` until the next value (Ray 2.60
-`PlasmaObjectHeader::ReadAcquire`), so every open link keeps a shard's core at 100% even when idle
-(4.6 CPU-s per 5 s measured), and a cross-node channel aborts the reader's raylet when a value is
-pushed into a closed channel.
+(`max_task_retries`), so a killed shard costs a step's latency, never a request. Attention replicas
+call the actors through `transport_ray.RayTransport`. Ray's compiled graphs and shared-memory
+channels are not used (no M-to-N sharing or restart-and-retry; idle readers spin a core: see
+`benchmarks/NOTES.md`).
 Shard actors run as batch workers (`cpu_policy.py`): on cores shared with attention replicas a
 woken shard waits for the dispatcher's fan-out to finish instead of preempting it.
 """
