@@ -119,6 +119,12 @@ class ExpertsSpec(_Spec):
     )
     min_shards: int | None = Field(None, ge=1, description="autoscaling lower bound (default num_shards)")
     max_shards: int | None = Field(None, ge=1, description="autoscaling upper bound (default num_shards)")
+    ping_pong: bool = Field(
+        False,
+        description="split each step's sequences in two micro-batches so one's attention runs while "
+        "the other's experts compute (MegaScale-Infer); pays off when shards have cores or GPUs of "
+        "their own, not on a small shared host (0.5-0.9x on 2 cores)",
+    )
     eplb_interval_s: float = Field(
         60.0, ge=0, description="how often the expert load balancer may move experts (0 = never)"
     )

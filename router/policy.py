@@ -45,9 +45,6 @@ class RouterConfig:
     # name of the `router.route_board.RouteBoard` actor through which the routers of several gateway
     # replicas share their guesses; "" keeps guesses local (one gateway)
     route_board: str = ""
-    # "module:function" returning an `observability.recorder.Metrics`, called in the router's
-    # process (the composition root names its Ray backend here); "" records no metrics.
-    metrics_factory: str = ""
 
     def __post_init__(self) -> None:
         if self.load_source not in ("handle", "reports"):

@@ -14,7 +14,6 @@ one still unplaced after `max_routing_wait_s` fails with `RoutingTimeout` (the A
 from __future__ import annotations
 
 import asyncio
-import importlib
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Mapping, Sequence
@@ -67,8 +66,13 @@ class _Routed:
     routed_at: float  # time.time(), as `router.replica_loads` counts
 
 
-def make_request_router_config(config: RouterConfig, stats_period_s: float) -> RequestRouterConfig:
-    """Serve's router config for a deployment routed by `PrefixAwareRequestRouter`.
+def make_request_router_config(
+    config: RouterConfig,
+    stats_period_s: float,
+    router_class: type[PrefixAwareRequestRouter] | None = None,
+) -> RequestRouterConfig:
+    """Serve's router config for a deployment routed by `router_class` (default
+    `PrefixAwareRequestRouter`; a subclass gives the router its metrics, `make_metrics`).
 
     Reports arrive about every `stats_period_s` (Serve polls `record_routing_stats`); a replica is
     stale after `config.stale_after_s`, so the period must leave room for a late poll or two.
@@ -79,23 +83,12 @@ def make_request_router_config(config: RouterConfig, stats_period_s: float) -> R
             f"period ({stats_period_s}), or every replica would look stale between reports"
         )
     options: dict[str, Any] = {  # Ray annotates every keyword of this constructor as a dict
-        "request_router_class": PrefixAwareRequestRouter,
+        "request_router_class": router_class or PrefixAwareRequestRouter,
         "request_router_kwargs": config.to_kwargs(),
         "request_routing_stats_period_s": stats_period_s,
         "request_routing_stats_timeout_s": max(stats_period_s * 3, 1.0),
     }
     return RequestRouterConfig(**options)
-
-
-def load_metrics(factory_path: str) -> Metrics | None:
-    """Call the "module:function" metrics factory named in the config ("" means no metrics)."""
-    if not factory_path:
-        return None
-    module_name, _, function_name = factory_path.partition(":")
-    metrics = getattr(importlib.import_module(module_name), function_name)()
-    if not isinstance(metrics, Metrics):
-        raise TypeError(f"{factory_path} returned {type(metrics).__name__}, not observability Metrics")
-    return metrics
 
 
 def _prompt_of(pending_request: PendingRequest | None) -> tuple[Sequence[int], str | None]:
@@ -108,7 +101,9 @@ def _prompt_of(pending_request: PendingRequest | None) -> tuple[Sequence[int], s
 
 
 class PrefixAwareRequestRouter(RequestRouter):
-    """Serve calls `initialize_state(**RouterConfig.to_kwargs())` once, then routes with it."""
+    """Serve calls `initialize_state(**RouterConfig.to_kwargs())` once, then routes with it.
+    Records no metrics; the composition root's subclass returns its backend from `make_metrics`
+    (built in the router's own process)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -119,7 +114,7 @@ class PrefixAwareRequestRouter(RequestRouter):
 
     def _setup(self, config: RouterConfig) -> None:
         self.config = config
-        self.metrics = load_metrics(config.metrics_factory)
+        self.metrics = self.make_metrics()
         self.index = PrefixIndex(config.block_size, config.guess_ttl_s)
         self._round_robin = RoundRobin()
         self._power_of_two = PowerOfTwo(config.seed)
@@ -135,6 +130,10 @@ class PrefixAwareRequestRouter(RequestRouter):
             BoardClient(config.route_board) if config.route_board and config.policy == "prefix" else None
         )
         self._board_task: asyncio.Task[None] | None = None
+
+    def make_metrics(self) -> Metrics | None:
+        """Where routing decisions are recorded (none here)."""
+        return None
 
     # --- Serve hooks -----------------------------------------------------------------------------
 

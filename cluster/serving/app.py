@@ -142,6 +142,7 @@ def _shared_limits(spec: ClusterSpec) -> Application | None:
 
 
 def _router_config(spec: ClusterSpec) -> RequestRouterConfig:
+    from cluster.serving.request_router import ClusterRequestRouter
     from router.policy import RouterConfig
     from router.serve_adapter import make_request_router_config
 
@@ -155,13 +156,12 @@ def _router_config(spec: ClusterSpec) -> RequestRouterConfig:
         stale_after_s=r.stale_after_s,
         guess_ttl_s=r.guess_ttl_s,
         max_routing_wait_s=r.max_routing_wait_s,
-        metrics_factory="cluster.serving.metrics_ray:ray_metrics",  # the router loads it in its own process
         # several gateways (each with its own router) share their guesses; one has nobody to tell
         route_board=f"{APP_NAME}-route-board" if spec.gateway.num_replicas > 1 and not direct else "",
         # direct streaming: requests leave through HAProxy, so the router never sees them end
         load_source="reports" if direct else "handle",
     )
-    return make_request_router_config(config, stats_period_s=ROUTING_STATS_PERIOD_S)
+    return make_request_router_config(config, ROUTING_STATS_PERIOD_S, ClusterRequestRouter)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

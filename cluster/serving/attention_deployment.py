@@ -76,7 +76,9 @@ class AttentionDeployment:
             start: PlacementUpdate = await pool.current.remote()
             ray_transport = RayTransport(start.actors)
             self.transport = TimedTransport(ray_transport)
-            dispatcher = ExpertDispatcher(self.transport, start.placement, start.num_experts)
+            dispatcher = ExpertDispatcher(
+                self.transport, start.placement, start.num_experts, ping_pong=self.spec.experts.ping_pong
+            )
             self.switch = ReplicaSwitch(ray_transport, dispatcher, start.version)
         tokenizer = Tokenizer.from_dir(self.spec.model.path)
         engine = Engine(model, tokenizer, engine_config(self.spec), dispatcher)

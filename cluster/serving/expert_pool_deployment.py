@@ -151,7 +151,7 @@ class ExpertPoolDeployment:
     async def _resize(self, n: int) -> None:
         """Grows or shrinks the pool to `n` shards with a placement balanced for the measured load."""
         from replicas.experts.expert_placement import ExpertPlacement, initial_placement, rebalance
-        from replicas.experts.expert_pool import ExpertPool, ShardResources, start_shard
+        from replicas.experts.expert_pool import ExpertPool, ShardResources
 
         x, old_actors = self.spec.experts, list(self.actors)
         current = len(old_actors)
@@ -167,11 +167,10 @@ class ExpertPoolDeployment:
         for shard in range(current, n):  # new shards start holding their experts
             keys = new.experts_of_shard(shard)
             if shard < len(self.pool.actors):  # the first group's bundle, freed by a shrink
-                actor = start_shard(
-                    self.spec.model.path, keys, resources, self.spec.model.dtype, self.pool.group, shard
+                actor = self.pool.restart_in_bundle(
+                    shard, self.spec.model.path, keys, resources, self.spec.model.dtype
                 )
                 await actor.pid.remote()
-                self.pool.actors[shard] = actor  # shut down with the first group
                 actors.append(actor)
                 continue
             one = ExpertPlacement(1, {key: (0,) for key in keys})

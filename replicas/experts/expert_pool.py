@@ -119,6 +119,15 @@ class ExpertPool:
         ray.get([a.pid.remote() for a in actors])
         return ExpertPool(actors, group)
 
+    def restart_in_bundle(
+        self, bundle: int, path: str | Path, keys: list[ExpertKey], resources: ShardResources, dtype: str
+    ) -> Any:
+        """A new shard actor holding `keys` in this pool's bundle `bundle` (one whose actor a shrink
+        killed); it is shut down with the pool."""
+        actor = start_shard(path, keys, resources, dtype, self.group, bundle)
+        self.actors[bundle] = actor
+        return actor
+
     def transport(self) -> RayTransport:
         return RayTransport(self.actors)
 

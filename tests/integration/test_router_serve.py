@@ -22,6 +22,7 @@ from protocol.sampling import SamplingParams
 from replicas.engine.block_pool import KVEvent
 from router.policy import RouterConfig, rendezvous_key
 from router.report import ReplicaReportBuilder
+from router.serve_adapter import PrefixAwareRequestRouter
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -73,9 +74,17 @@ def _backend() -> PrometheusBackend:
 
 @functools.cache
 def prometheus_metrics() -> Metrics:
-    """The routers' `RouterConfig.metrics_factory`: one registry per process (cached: a registry
-    rejects a second registration of the same names)."""
+    """The routers' metrics: one registry per process (cached: a registry rejects a second
+    registration of the same names)."""
     return Metrics(_backend())
+
+
+class RecordingRouter(PrefixAwareRequestRouter):
+    """The prefix-aware router recording into this process's registry (as the cluster's records
+    into Ray's metrics)."""
+
+    def make_metrics(self) -> Metrics | None:
+        return prometheus_metrics()
 
 
 def _total(name: str, **labels: str) -> float:
@@ -158,25 +167,14 @@ def test_make_request_router_config_rejects_a_period_that_makes_every_replica_st
     assert RouterConfig.from_kwargs(config.request_router_kwargs) == RouterConfig(block_size=B)
 
 
-def test_metrics_factory_is_loaded_by_path_and_checked() -> None:
-    """Catches a misnamed factory failing silently (a router that records nothing)."""
-    from router.serve_adapter import load_metrics
-
-    assert load_metrics("") is None
-    assert load_metrics(f"{__name__}:prometheus_metrics") is prometheus_metrics()
-    with pytest.raises(TypeError, match="returned str, not observability Metrics"):
-        load_metrics("platform:system")
-
-
 def test_prefix_router_in_serve(ray_cluster: object) -> None:
     """Catches a router that ignores replica reports, hashes differently from the replicas, does not
     spread a burst by load, whose view differs between two routers, or that records no metrics."""
     from router.serve_adapter import make_request_router_config
 
     # No guesses: the follow-ups below must be placed by the replicas' reports alone.
-    metrics_factory = f"{__name__}:prometheus_metrics"
-    config = RouterConfig(block_size=B, stale_after_s=5.0, guess_ttl_s=0.0, metrics_factory=metrics_factory)
-    router_config = make_request_router_config(config, STATS_PERIOD_S)
+    config = RouterConfig(block_size=B, stale_after_s=5.0, guess_ttl_s=0.0)
+    router_config = make_request_router_config(config, STATS_PERIOD_S, RecordingRouter)
     app_name = "router_test"
     serve.start(proxy_location="Disabled")
     try:
