@@ -47,6 +47,12 @@ class ModelSpec(_Spec):
     )
     served_name: str = Field("mimo-tiny", description="model id clients send and /v1/models lists")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype of weights and KV")
+    generation_config: Literal["auto", "none"] = Field(
+        "auto",
+        description="auto: sampling fields a request leaves out take the checkpoint's "
+        "generation_config.json values (temperature, top_p, top_k, min_p, repetition_penalty, "
+        "max_new_tokens as the max_tokens cap), as vLLM and SGLang do; none: OpenAI's defaults",
+    )
 
 
 _ENGINE = EngineConfig()  # one source for the engine's defaults: the engine's own
@@ -167,6 +173,11 @@ class GatewaySpec(_Spec):
     requests_per_minute: int | None = Field(None, ge=1, description="per-key request rate limit")
     tokens_per_minute: int | None = Field(None, ge=1, description="per-key prompt+completion token limit")
     max_pending_requests: int = Field(512, ge=1, description="requests in the gateway before 503")
+    default_thinking: bool = Field(
+        False,
+        description="reasoning for chat requests that set neither `thinking` nor "
+        "chat_template_kwargs.enable_thinking",
+    )
     proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
         "EveryNode", description="where Serve runs HTTP proxies (HeadOnly when nodes share one host)"
     )

@@ -128,6 +128,9 @@ def build_app(
             "created": 0,
             "owned_by": "mimo-serve",
             "max_model_len": config.max_model_len,
+            # what a request gets for the sampling fields it leaves out (generation_config.json)
+            "sampling_defaults": config.sampling_defaults.present(),
+            "default_thinking": config.default_thinking,
         }
         return {"object": "list", "data": [card]}
 

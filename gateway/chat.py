@@ -24,10 +24,16 @@ class RenderedChat:
     enable_thinking: bool
 
 
-def render_chat(request: ChatCompletionRequest, tokenizer: Tokenizer) -> RenderedChat:
+def render_chat(
+    request: ChatCompletionRequest, tokenizer: Tokenizer, default_thinking: bool = False
+) -> RenderedChat:
+    """`default_thinking`: the server's mode for a request that says nothing about thinking."""
     tools = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
     choice = request.tool_choice if request.tool_choice is not None else ("auto" if tools else "none")
-    enable_thinking = bool(request.chat_template_kwargs and request.chat_template_kwargs.enable_thinking)
+    try:
+        enable_thinking = request.thinking_mode(default_thinking)
+    except ValueError as e:
+        raise APIError(400, str(e), "thinking.type", "conflicting_parameters") from None
     prefill = ""
     if choice != "none" and not tools:
         raise APIError(400, "tool_choice needs tools", "tool_choice")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mimo.generation_config import NO_DEFAULTS, SamplingDefaults
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -15,3 +17,6 @@ class GatewayConfig:
     tokens_per_minute: int | None = None
     max_pending_requests: int = 512
     api_keys_file: str | None = None
+    # a request's missing sampling fields take these (the checkpoint's generation_config.json)
+    sampling_defaults: SamplingDefaults = NO_DEFAULTS
+    default_thinking: bool = False  # chat requests that say nothing about thinking

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 async def chat_completion(state: Gateway, tenant: Tenant, body: ChatCompletionRequest, rid: str) -> Response:
     config = state.config
-    rendered = render_chat(body, state.tokenizer)
+    rendered = render_chat(body, state.tokenizer, config.default_thinking)
     num_prompt = len(rendered.prompt_token_ids)
     check_prompt(num_prompt, config.max_model_len, config.max_prompt_tokens, "messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -37,7 +37,15 @@ async def chat_completion(state: Gateway, tenant: Tenant, body: ChatCompletionRe
             GenerateRequest(
                 f"{rid}-{i}",
                 rendered.prompt_token_ids,
-                engine_params(body, max_tokens, num_prompt, config.max_model_len, num_logprobs, i),
+                engine_params(
+                    body,
+                    max_tokens,
+                    num_prompt,
+                    config.max_model_len,
+                    num_logprobs,
+                    i,
+                    config.sampling_defaults,
+                ),
                 tenant.cache_salt,
             ),
         )

@@ -15,7 +15,7 @@ from gateway.engine_client import EngineError
 from gateway.errors import APIError
 from gateway.fanout import EngineCall, FanOut
 from gateway.params import check_prompt, engine_params
-from gateway.schemas import CompletionRequest
+from gateway.schemas import DEFAULT_MAX_TOKENS, CompletionRequest
 from gateway.sse import EventStream, sse_done, sse_error, sse_event, usage_body
 from mimo.tokenizer import Tokenizer
 from protocol.messages import Chunk, GenerateRequest
@@ -65,7 +65,16 @@ async def completion(state: Gateway, tenant: Tenant, body: CompletionRequest, ri
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
         check_prompt(len(ids), config.max_model_len, config.max_prompt_tokens, "prompt")
         for j in range(body.n):
-            params = engine_params(body, body.max_tokens, len(ids), config.max_model_len, body.logprobs, j)
+            params = engine_params(
+                body,
+                body.max_tokens if "max_tokens" in body.model_fields_set else None,
+                len(ids),
+                config.max_model_len,
+                body.logprobs,
+                j,
+                config.sampling_defaults,
+                api_max_tokens=DEFAULT_MAX_TOKENS,
+            )
             request = GenerateRequest(f"{rid}-{p}-{j}", ids, params, tenant.cache_salt)
             calls.append(EngineCall(p * body.n + j, request))
     await state.admit(tenant, sum(len(ids) for ids in prompts) * body.n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from gateway.errors import APIError
 from gateway.schemas import _Sampling
+from mimo.generation_config import NO_DEFAULTS, SamplingDefaults
 from protocol.sampling import SamplingParams
 
 
@@ -29,22 +30,37 @@ def engine_params(
     max_model_len: int,
     num_logprobs: int | None,
     choice: int,
+    defaults: SamplingDefaults = NO_DEFAULTS,
+    api_max_tokens: int | None = None,
 ) -> SamplingParams:
+    """`max_tokens`: the request's own, or None; then the checkpoint's default cap applies, else
+    `api_max_tokens` (the endpoint's OpenAI default; None: up to the context). Sampling fields the
+    request leaves out take the checkpoint's `defaults` where it sets them."""
     room = max_model_len - num_prompt
-    if max_tokens is not None and max_tokens > room:
+    if max_tokens is None:
+        cap = defaults.max_tokens if defaults.max_tokens is not None else api_max_tokens
+        max_tokens = room if cap is None else min(cap, room)
+    elif max_tokens > room:
         raise APIError(
             400,
             f"max_tokens {max_tokens} + {num_prompt} prompt tokens exceed the context of {max_model_len} tokens",
             "max_tokens",
             "context_length_exceeded",
         )
+    given = request.model_fields_set
+
+    def pick(name: str, value: float, default: float | None) -> float:
+        return value if name in given or default is None else default
+
     return SamplingParams(
-        max_tokens=max_tokens if max_tokens is not None else room,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=max(0, request.top_k),  # OpenAI-style -1 = off
-        min_p=request.min_p,
-        repetition_penalty=request.repetition_penalty,
+        max_tokens=max_tokens,
+        temperature=pick("temperature", request.temperature, defaults.temperature),
+        top_p=pick("top_p", request.top_p, defaults.top_p),
+        top_k=max(0, int(pick("top_k", request.top_k, defaults.top_k))),  # OpenAI-style -1 = off
+        min_p=pick("min_p", request.min_p, defaults.min_p),
+        repetition_penalty=pick(
+            "repetition_penalty", request.repetition_penalty, defaults.repetition_penalty
+        ),
         presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty,
         # n choices from one seed must differ, and stay reproducible

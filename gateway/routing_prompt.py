@@ -14,15 +14,16 @@ from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from mimo.tokenizer import Tokenizer
 
 
-def routing_prompt(body: bytes, tokenizer: Tokenizer) -> list[int]:
+def routing_prompt(body: bytes, tokenizer: Tokenizer, default_thinking: bool = False) -> list[int]:
     """Token ids of the request's (first) prompt, or [] when the body is not a chat or completion
-    request this API would accept."""
+    request this API would accept (`default_thinking`: the server's mode, as the replica renders)."""
     try:
         data = json.loads(body)
         if not isinstance(data, dict):
             return []
         if "messages" in data:
-            return render_chat(ChatCompletionRequest.model_validate(data), tokenizer).prompt_token_ids
+            request = ChatCompletionRequest.model_validate(data)
+            return render_chat(request, tokenizer, default_thinking).prompt_token_ids
         if "prompt" in data:
             return completion_prompts(CompletionRequest.model_validate(data), tokenizer)[0]
     except (ValueError, APIError):  # json's and pydantic's errors are ValueErrors

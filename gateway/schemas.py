@@ -135,6 +135,14 @@ class NamedToolChoice(_Strict):
     function: NamedFunction
 
 
+class ThinkingSwitch(_Strict):
+    """The official MiMo API's switch (as DeepSeek's and Kimi's): reasoning on or off."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    type: Literal["enabled", "disabled"]
+
+
 class ChatTemplateKwargs(_Strict):
     model_config = ConfigDict(strict=True, extra="forbid")  # a misspelt switch must not pass silently
 
@@ -192,11 +200,34 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     chat_template_kwargs: ChatTemplateKwargs | None = None
+    thinking: ThinkingSwitch | None = Field(
+        None,
+        description="reasoning on or off (the official MiMo API's switch); the same as "
+        "chat_template_kwargs.enable_thinking, which it may not contradict; default: the server's mode",
+    )
+
+    def thinking_mode(self, default: bool) -> bool:
+        """Whether the request wants reasoning: `thinking`, else `chat_template_kwargs.
+        enable_thinking`, else the server's default. Raises ValueError when the two disagree."""
+        kwargs = self.chat_template_kwargs
+        explicit = kwargs.enable_thinking if kwargs and "enable_thinking" in kwargs.model_fields_set else None
+        if self.thinking is None:
+            return default if explicit is None else explicit
+        wanted = self.thinking.type == "enabled"
+        if explicit is not None and explicit != wanted:
+            raise ValueError(
+                f"thinking.type={self.thinking.type!r} contradicts "
+                f"chat_template_kwargs.enable_thinking={str(explicit).lower()}"
+            )
+        return wanted
+
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the legacy completions endpoint
 
 
 class CompletionRequest(_Sampling):
     prompt: Text | list[int] | list[Text] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: Text | None = None

@@ -42,6 +42,15 @@ def check_engine_fits(spec: ClusterSpec) -> None:
     from mimo.weights import checkpoint_config
     from replicas.engine.engine_config import build_layout, mtp_shortfall
 
+    if spec.model.generation_config == "auto":
+        from mimo.generation_config import read_sampling_defaults
+
+        try:
+            read_sampling_defaults(spec.model.path)
+        except ValueError as e:
+            raise SpecError(
+                "model.generation_config", f"{e} (or set model.generation_config: none)"
+            ) from None
     path, drafts = spec.model.path, spec.engine.num_mtp_drafts
     try:  # whether MTP blocks exist is in the safetensors index; without drafts config.json suffices
         model = checkpoint_config(path) if drafts else MiMoConfig.from_file(f"{path}/config.json")

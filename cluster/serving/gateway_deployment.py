@@ -17,6 +17,7 @@ from cluster.serving.shared_limits import SharedLimits
 from cluster.spec import ClusterSpec
 from gateway.config import GatewayConfig
 from gateway.rate_limit import Limits, LocalLimits
+from mimo.generation_config import SamplingDefaults
 
 APP_NAME = "mimo"
 
@@ -39,7 +40,16 @@ def gateway_config(spec: ClusterSpec) -> GatewayConfig:
         tokens_per_minute=g.tokens_per_minute,
         max_pending_requests=g.max_pending_requests,
         api_keys_file=g.api_keys_file,
+        sampling_defaults=sampling_defaults(spec),
+        default_thinking=g.default_thinking,
     )
+
+
+def sampling_defaults(spec: ClusterSpec) -> SamplingDefaults:
+    """The checkpoint's generation_config.json defaults, unless the spec turns them off."""
+    from mimo.generation_config import NO_DEFAULTS, read_sampling_defaults
+
+    return NO_DEFAULTS if spec.model.generation_config == "none" else read_sampling_defaults(spec.model.path)
 
 
 def can_serve(replica_states: Mapping[str, Mapping[str, int]]) -> bool:

@@ -46,7 +46,7 @@ class RouteChooser:
         from protocol.messages import GenerateRequest
         from protocol.sampling import SamplingParams
 
-        token_ids = routing_prompt(await request.body(), self.tokenizer)
+        token_ids = routing_prompt(await request.body(), self.tokenizer, self.spec.gateway.default_thinking)
         salt = claimed_cache_salt(request.headers.get("authorization")) if self.keyed else None
         # what the router reads of a request: its prompt and tenant (nothing is generated here)
         probe = GenerateRequest("route-choice", token_ids, SamplingParams(), salt)

@@ -91,6 +91,26 @@ def test_tool_round_trip_and_thinking(client: openai.OpenAI) -> None:
     assert (thought.choices[0].message.model_extra or {}).get("reasoning_content")
 
 
+def test_thinking_switch_of_the_official_api_through_the_cluster(client: openai.OpenAI) -> None:
+    """Catches the top-level `thinking` switch (the official MiMo API's, sent as extra_body) being
+    ignored on the served path, or a contradiction with enable_thinking not refused."""
+    messages = [{"role": "user", "content": "What is 17 times 23? Think step by step."}]
+
+    def ask(**extra: object) -> object:
+        return client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=40, temperature=0, extra_body=extra
+        )
+
+    on, off = ask(thinking={"type": "enabled"}), ask(thinking={"type": "disabled"})
+    assert (on.choices[0].message.model_extra or {}).get("reasoning_content")  # type: ignore[attr-defined]
+    assert not (off.choices[0].message.model_extra or {}).get("reasoning_content")  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(thinking={"type": "enabled"}, chat_template_kwargs={"enable_thinking": False})
+    body = refused.value.body
+    assert isinstance(body, dict) and body["param"] == "thinking.type"
+    assert "chat_template_kwargs.enable_thinking" in body["message"]
+
+
 def test_errors_and_auth_through_the_cluster(client: openai.OpenAI, app_url: str) -> None:
     """Catches errors that turn into 500s or lose their parameter behind Serve's proxy, and a
     gateway that serves without the configured key."""
