@@ -79,12 +79,12 @@ class BoardClient:
             self._queue.append((replica_id, pack_hashes(block_hashes)))
 
     async def run(self, apply: ApplyGuess) -> None:
-        """Sends and follows until cancelled; after a failure waits RETRY_S and gets (or creates)
-        the board again."""
+        """Sends and follows until cancelled or until this process leaves Ray; after a failure waits
+        RETRY_S and gets (or creates) the board again."""
         await asyncio.gather(self._send_loop(), self._follow_loop(apply))
 
     async def _send_loop(self) -> None:
-        while True:
+        while ray.is_initialized():
             await asyncio.sleep(BATCH_S)
             if not self._queue:
                 continue
@@ -95,7 +95,7 @@ class BoardClient:
                 self._board_failed(exc)
 
     async def _follow_loop(self, apply: ApplyGuess) -> None:
-        while True:
+        while ray.is_initialized():
             try:
                 ref = self._handle().wait_since.remote(self._epoch, self._cursor, self.router_id, LONG_POLL_S)
                 epoch, cursor, entries = await asyncio.wait_for(ref, LONG_POLL_S + 30.0)
@@ -113,6 +113,10 @@ class BoardClient:
                 await asyncio.sleep(COALESCE_S)
 
     def _handle(self) -> Any:
+        if not ray.is_initialized():
+            # never let a Ray call connect this process again (Ray's auto-init) after it left Ray,
+            # e.g. a driver's router whose loop outlives `ray.shutdown()`
+            raise RuntimeError("this process left Ray")
         if self._board is None:
             self._board = get_or_create_board(self.name)
         return self._board

@@ -49,3 +49,17 @@ def test_a_long_poll_wakes_on_another_routers_placement_only() -> None:
     woken_by, waited_s, timed_out = asyncio.run(scenario())
     assert woken_by == ["theirs"]
     assert timed_out == [] and waited_s >= 0.04
+
+
+def test_a_board_client_outside_ray_stops_instead_of_connecting_again() -> None:
+    """Catches a router's board loop that outlives `ray.shutdown()` and, through Ray's auto-init,
+    connects its process to the cluster again (seen in CI: the test cluster then refused to stop)."""
+    import ray
+
+    from router.route_board import BoardClient
+
+    assert not ray.is_initialized()
+    client = BoardClient("no-board")
+    client.publish("replica", [1, 2])
+    asyncio.run(asyncio.wait_for(client.run(lambda *_: None), timeout=5.0))
+    assert not ray.is_initialized()
