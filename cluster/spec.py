@@ -7,6 +7,7 @@ rejected (`extra="forbid"`), and a bad value raises `SpecError` naming the field
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +43,8 @@ class _Spec(BaseModel):
 
 
 class ModelSpec(_Spec):
+    """The checkpoint served and how it is named and loaded."""
+
     path: str = Field(
         str(EMBEDDED_MODEL), description="checkpoint directory (config.json, safetensors, tokenizer)"
     )
@@ -59,6 +62,8 @@ _ENGINE = EngineConfig()  # one source for the engine's defaults: the engine's o
 
 
 class EngineSpec(_Spec):
+    """Each attention replica's engine: KV cache, batching, MTP, threads."""
+
     block_size: int = Field(
         _ENGINE.block_size, ge=1, description="tokens per KV block (also the prefix-hash block)"
     )
@@ -97,6 +102,8 @@ class EngineSpec(_Spec):
 
 
 class AttentionSpec(_Spec):
+    """The attention replica pool (dense path and KV cache), Serve-autoscaled."""
+
     num_replicas: int = Field(2, ge=1, description="attention replicas at start (data-parallel ranks)")
     min_replicas: int = Field(2, ge=1, description="autoscaling lower bound")
     max_replicas: int = Field(4, ge=1, description="autoscaling upper bound")
@@ -112,6 +119,8 @@ class AttentionSpec(_Spec):
 
 
 class ExpertsSpec(_Spec):
+    """The expert shard actors that hold the routed experts."""
+
     num_shards: int = Field(2, ge=1, description="expert shard actors")
     num_redundant: int = Field(0, ge=0, description="extra copies of hot experts (EPLB)")
     transport: Literal["local", "ray"] = Field(
@@ -140,6 +149,8 @@ class ExpertsSpec(_Spec):
 
 
 class RouterSpec(_Spec):
+    """How the gateway's router places a request: cached prefix against load."""
+
     policy: Literal["prefix", "round_robin", "power_of_two"] = Field(
         "prefix", description="how the gateway picks an attention replica"
     )
@@ -160,7 +171,11 @@ class RouterSpec(_Spec):
 
 
 class GatewaySpec(_Spec):
-    host: str = Field("127.0.0.1", description="HTTP bind address of the Serve proxy")
+    """The OpenAI API: bind address, keys, limits."""
+
+    host: str = Field(
+        "127.0.0.1", description="HTTP bind address of the Serve proxy; off loopback needs api_keys_file"
+    )
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI API")
     num_replicas: int = Field(1, ge=1, description="gateway replicas")
     api_keys_file: str | None = Field(
@@ -189,8 +204,28 @@ class GatewaySpec(_Spec):
         "it). Per-key rate limits are then kept in one store all replicas share.",
     )
 
+    @model_validator(mode="after")
+    def _private_unless_authenticated(self) -> GatewaySpec:
+        if self.api_keys_file is None and not _is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host} is reachable from other machines: set api_keys_file, "
+                "or keep the default 127.0.0.1 (private by default)"
+            )
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only "localhost" is known to stay on this machine
+        return False
+
 
 class ObservabilitySpec(_Spec):
+    """Where metrics are exported and read."""
+
     metrics_port: int = Field(8080, ge=1, le=65535, description="Ray's per-node metrics export port")
     prometheus_url: str | None = Field(
         None, description="Prometheus the autoscaler queries (PromQL); none = the replicas' own stats"
@@ -198,6 +233,8 @@ class ObservabilitySpec(_Spec):
 
 
 class AutoscalingSpec(_Spec):
+    """The application-level autoscaling policy's targets and delays."""
+
     enabled: bool = Field(True, description="run the application-level autoscaling policy")
     target_kv_usage: float = Field(0.7, gt=0, le=1, description="scale attention up above this KV usage")
     target_waiting_per_replica: float = Field(
@@ -212,6 +249,8 @@ class AutoscalingSpec(_Spec):
 
 
 class KubernetesSpec(_Spec):
+    """What `mimo render k8s` writes: image, namespace, pod sizes."""
+
     namespace: str = Field("mimo", description="namespace of every object")
     image: str = Field("ghcr.io/mimo-serve/mimo-serve:0.1.0", description="container image")
     head_cpu: str = Field("2", description="head pod CPU request")

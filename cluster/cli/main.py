@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from cluster.cli.help import DefaultsFormatter
 from cluster.cli.inspect_report import deployment_memory, inspect_report, render_text
 from cluster.spec import EMBEDDED_MODEL
 
@@ -124,53 +125,93 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mimo", description="MiMo-V2-Flash serving cluster")
+    parser = argparse.ArgumentParser(
+        prog="mimo", description="MiMo-V2-Flash serving cluster", formatter_class=DefaultsFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text with the engine on one checkpoint")
+    gen = sub.add_parser(
+        "generate", formatter_class=DefaultsFormatter, help="generate text with the engine on one checkpoint"
+    )
     gen.add_argument("--model", type=Path, default=EMBEDDED_MODEL, help="checkpoint directory (hub format)")
     gen.add_argument("--prompt", required=True, help="prompt text (a user message with --chat)")
     gen.add_argument("--chat", action="store_true", help="render the prompt with the chat template")
     gen.add_argument("--thinking", action="store_true", help="with --chat: enable_thinking=true")
-    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, random)")
     gen.add_argument("--mtp", type=int, default=0, help="MTP draft tokens per step (0 = off, up to 3)")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     gen.add_argument(
         "--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
     )
     gen.add_argument("--json", action="store_true", help="print one JSON line with token ids and timing")
     gen.set_defaults(func=_generate)
 
-    ins = sub.add_parser("inspect", help="layers, parameters and KV sizes of a checkpoint or config.json")
+    ins = sub.add_parser(
+        "inspect",
+        formatter_class=DefaultsFormatter,
+        help="layers, parameters and KV sizes of a checkpoint or config.json",
+    )
     ins.add_argument("path", type=Path, help="checkpoint directory or config.json")
     ins.add_argument("--context", type=int, default=262144, help="sequence length for the KV figures")
-    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of text")
     ins.add_argument(
-        "--shards", type=int, default=None, help="size a deployment with this many expert shards"
+        "--shards",
+        type=int,
+        default=None,
+        help="size a deployment with this many expert shards (default: none, no deployment sizing)",
     )
     ins.add_argument("--redundant", type=int, default=0, help="redundant expert copies in the pool (EPLB)")
-    ins.add_argument("--weight-dtype", choices=["fp8", "bf16", "fp32"], default="fp8")
+    ins.add_argument(
+        "--weight-dtype",
+        choices=["fp8", "bf16", "fp32"],
+        default="fp8",
+        help="dtype the weights are sized in",
+    )
     ins.add_argument(
         "--kv-seqs", type=int, default=1, help="sequences of --context tokens per attention replica"
     )
     ins.set_defaults(func=_inspect)
 
-    pln = sub.add_parser("plan", help="attention replicas, expert shards and GPUs for a traffic profile")
+    pln = sub.add_parser(
+        "plan",
+        formatter_class=DefaultsFormatter,
+        help="attention replicas, expert shards and GPUs for a traffic profile",
+    )
     pln.add_argument(
         "--model",
         type=Path,
         default=RELEASED_CONFIG,
         help="checkpoint directory or config.json (default: the release)",
     )
-    pln.add_argument("--traffic", type=Path, required=True, help="traffic profile (YAML/JSON)")
-    pln.add_argument("--hardware", type=Path, required=True, help="hardware profile (YAML/JSON)")
-    pln.add_argument("--weight-format", choices=["fp8", "bf16", "fp32"], default="fp8")
-    pln.add_argument("--json", action="store_true")
-    pln.add_argument("--chart", type=Path, default=None, help="write a PNG of cost against load here")
+    pln.add_argument(
+        "--traffic",
+        type=Path,
+        required=True,
+        help="traffic profile (YAML/JSON), e.g. observability/profiles/chat.yaml",
+    )
+    pln.add_argument(
+        "--hardware",
+        type=Path,
+        required=True,
+        help="hardware profile (YAML/JSON), e.g. observability/profiles/h200.yaml",
+    )
+    pln.add_argument(
+        "--weight-format",
+        choices=["fp8", "bf16", "fp32"],
+        default="fp8",
+        help="dtype the weights are sized in",
+    )
+    pln.add_argument("--json", action="store_true", help="print JSON instead of text")
+    pln.add_argument(
+        "--chart",
+        type=Path,
+        default=None,
+        help="write a PNG of cost against load here (default: none, no chart)",
+    )
     pln.set_defaults(func=_plan)
 
     from cluster.cli.serve import add_parser as add_serve_parser

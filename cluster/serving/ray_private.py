@@ -8,6 +8,8 @@ with the reason it has no public equivalent. A Ray upgrade that moves one breaks
 - `choose_without_reserving` / `replica_endpoint`: what Ray's own ingress route chooser does for
   HAProxy (choose a replica without sending, read its HTTP endpoint).
 - `with_ingress_request_router`: Ray Serve LLM's direct-streaming hook on an application.
+- `mute_raylet_errors_on_driver`: the driver's echo of errors the raylets publish, which has no
+  switch (`log_to_driver=False` leaves it on).
 """
 
 from __future__ import annotations
@@ -61,3 +63,19 @@ def with_ingress_request_router(app: Application, chooser: Application) -> Appli
     """`app` fronted by HAProxy, which asks `chooser` where each request goes."""
     routed: Application = app._with_ingress_request_router(chooser)
     return routed
+
+
+def mute_raylet_errors_on_driver() -> None:
+    """From now on this driver drops the errors raylets publish instead of printing them. For a
+    shutdown we asked for: Serve's own teardown kills its controller while the controller's
+    `graceful_shutdown` task is still retried, and the raylet's report of that ("There are infinite
+    retries remaining") is printed in colour to the user as if something had gone wrong."""
+    import ray._private.worker as ray_worker
+
+    echo = ray_worker.print_to_stdstream
+
+    def echo_all_but_raylet(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            echo(data, ignore_prefix)
+
+    ray_worker.print_to_stdstream = echo_all_but_raylet

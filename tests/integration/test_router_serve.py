@@ -259,6 +259,10 @@ def test_gateway_routers_share_guesses_through_the_route_board(ray_cluster: obje
             route_prefix=None,
         )
         for salt in ("before", "after the board was killed"):
+            # reports taken while the previous pass's requests ran count them as load until newer
+            # ones arrive: let those arrive first, so that load alone spreads this burst (CI saw
+            # [1, 2, 3] when a loaded machine delayed them)
+            time.sleep(5 * STATS_PERIOD_S)
             responses = [
                 _send(handle, p, f"p{i}", salt, sleep_s=1.0, dry_run=True) for i, p in enumerate(PROMPTS)
             ]
