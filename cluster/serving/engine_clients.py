@@ -14,6 +14,13 @@ from protocol.messages import Chunk, GenerateRequest, Refusal
 from replicas.engine.async_engine import AsyncEngine
 from replicas.engine.engine import InvalidRequest
 
+# a request whose replica died before its first chunk is sent again this many times
+RETRIES_BEFORE_FIRST_CHUNK = 1
+
+
+class _ReplicaFailed(Exception):
+    """The replica serving an attempt failed; its cause is Ray's error."""
+
 
 async def stream_request(
     engine: AsyncEngine, request: GenerateRequest, max_streams: int
@@ -51,20 +58,38 @@ class InProcessEngineClient(EngineClient):
 
 class ServeEngineClient(EngineClient):
     """Calls the Attention deployment's `generate(request)`, a Serve stream of `Chunk`s (or one
-    `Refusal` first). A replica that dies mid-request ends the request with a retriable 503, never
-    silently."""
+    `Refusal` first). A replica that dies before the request's first chunk is retried once, on
+    whichever replica the router picks then (nothing was sent to the client, so nothing is
+    repeated); one that dies after ends the request with a retriable 503, never silently."""
 
     def __init__(self, handle: Any, is_ready: Callable[[], Awaitable[bool]]) -> None:
         self.handle = handle.options(stream=True)
         self._is_ready = is_ready
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        from ray.exceptions import RayActorError
+
+        for attempt in range(1 + RETRIES_BEFORE_FIRST_CHUNK):
+            started = False
+            try:
+                async for chunk in self._attempt(request, attempt):
+                    started = True
+                    yield chunk
+                return
+            except _ReplicaFailed as failed:
+                cause = failed.__cause__
+                if started or not isinstance(cause, RayActorError) or attempt == RETRIES_BEFORE_FIRST_CHUNK:
+                    message = f"attention replica failed ({type(cause).__name__}); retry the request"
+                    raise EngineError(Refusal(503, message, None, 1.0)) from cause
+
+    async def _attempt(self, request: GenerateRequest, attempt: int) -> AsyncIterator[Chunk]:
         from ray.serve.exceptions import BackPressureError
 
         from cluster.serving.ray_private import own_request_context
         from router.serve_adapter import RoutingTimeout
 
-        response = own_request_context(request.request_id).run(self.handle.generate.remote, request)
+        request_id = request.request_id if attempt == 0 else f"{request.request_id}-retry{attempt}"
+        response = own_request_context(request_id).run(self.handle.generate.remote, request)
         finished = False
         try:
             async for item in response:
@@ -77,11 +102,10 @@ class ServeEngineClient(EngineClient):
             raise EngineError(
                 Refusal(503, "every attention replica is at capacity; retry shortly", None, 1.0)
             ) from None
-        except EngineError:
+        except (EngineError, GeneratorExit):
             raise
-        except Exception as e:  # replica died or was torn down: the request ends retriably
-            message = f"attention replica failed ({type(e).__name__}); retry the request"
-            raise EngineError(Refusal(503, message, None, 1.0)) from e
+        except Exception as e:  # the replica died or was torn down
+            raise _ReplicaFailed() from e
         finally:
             if not finished:
                 response.cancel()
