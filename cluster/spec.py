@@ -269,6 +269,14 @@ class KubernetesSpec(_Spec):
     prometheus_namespace: str = Field(
         "monitoring", description="namespace of Prometheus (the only one let to the metrics port)"
     )
+    gcs_redis_address: str | None = Field(
+        None,
+        description="host:port of an external Redis for GCS fault tolerance: running Serve replicas "
+        "keep serving while the head pod restarts, and the cluster's state survives it (none: off)",
+    )
+    gcs_redis_secret: str = Field(
+        "mimo-redis", description="Secret whose key 'password' holds that Redis's password"
+    )
 
 
 class ClusterSpec(_Spec):

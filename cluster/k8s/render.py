@@ -83,6 +83,13 @@ def rayservice(spec: ClusterSpec) -> Obj:
         "authOptions": {"mode": "token"},
         "enableInTreeAutoscaling": spec.autoscaling.enabled,
     }
+    if k.gcs_redis_address is not None:
+        # KubeRay points the GCS at Redis; the head restarts into the same cluster state while
+        # worker pods, and the Serve replicas on them, keep serving
+        cluster["gcsFaultToleranceOptions"] = {
+            "redisAddress": k.gcs_redis_address,
+            "redisPassword": {"valueFrom": {"secretKeyRef": {"name": k.gcs_redis_secret, "key": "password"}}},
+        }
     if spec.autoscaling.enabled:
         cluster["autoscalerOptions"] = {
             "upscalingMode": "Default",

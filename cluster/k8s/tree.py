@@ -46,6 +46,8 @@ OVERLAYS: dict[str, dict[str, Any]] = {
             "expert_memory": "192Gi",
             "expert_gpus": 1,
             "gpu_node_selector": {"nvidia.com/gpu.product": "NVIDIA-H200"},
+            # the head may restart without taking serving down (bring this Redis; k8s/README.md)
+            "gcs_redis_address": "mimo-redis.mimo.svc.cluster.local:6379",
         },
     },
 }

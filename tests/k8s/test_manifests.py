@@ -357,3 +357,19 @@ def test_overlay_profiles_are_valid_specs() -> None:
     assert set(OVERLAYS) == {"cpu-dev", "gpu-prod"}
     with pytest.raises(ValueError, match="unknown overlay"):
         apply_overlay(ClusterSpec(), "tpu")
+
+
+def test_gcs_fault_tolerance_points_the_head_at_redis_with_the_password_secret() -> None:
+    """Catches a production overlay whose head restart takes serving down (no GCS fault tolerance),
+    or one that carries the Redis password in the manifest instead of a Secret reference."""
+    default = _by_kind(render_manifests(ClusterSpec()), "RayService")[0]["spec"]["rayClusterConfig"]
+    assert "gcsFaultToleranceOptions" not in default  # no Redis is assumed by default
+    spec = ClusterSpec.from_dict(
+        {"kubernetes": {"gcs_redis_address": "redis.db:6379", "gcs_redis_secret": "r"}}
+    )
+    cluster = _by_kind(render_manifests(spec), "RayService")[0]["spec"]["rayClusterConfig"]
+    assert cluster["gcsFaultToleranceOptions"] == {
+        "redisAddress": "redis.db:6379",
+        "redisPassword": {"valueFrom": {"secretKeyRef": {"name": "r", "key": "password"}}},
+    }
+    assert apply_overlay(ClusterSpec(), "gpu-prod").kubernetes.gcs_redis_address is not None
