@@ -140,6 +140,12 @@ class ExpertsSpec(_Spec):
         "the other's experts compute (MegaScale-Infer); pays off when shards have cores or GPUs of "
         "their own, not on a small shared host (0.5-0.9x on 2 cores)",
     )
+    call_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="a shard that answers none of a layer's calls in this time (hung, not dead) fails "
+        "that engine step's requests with an error; longer than a shard restart, which is retried",
+    )
     eplb_interval_s: float = Field(
         60.0, ge=0, description="how often the expert load balancer may move experts (0 = never)"
     )

@@ -74,7 +74,7 @@ class AttentionDeployment:
         dispatcher = None
         if pool is not None:
             start: PlacementUpdate = await pool.current.remote()
-            ray_transport = RayTransport(start.actors)
+            ray_transport = RayTransport(start.actors, self.spec.experts.call_timeout_s)
             self.transport = TimedTransport(ray_transport)
             dispatcher = ExpertDispatcher(
                 self.transport, start.placement, start.num_experts, ping_pong=self.spec.experts.ping_pong

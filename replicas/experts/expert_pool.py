@@ -29,7 +29,7 @@ from replicas.experts.cpu_policy import run_as_batch_worker
 from replicas.experts.dispatch import ExpertDispatcher
 from replicas.experts.expert_placement import ExpertKey, ExpertPlacement
 from replicas.experts.expert_shard import ExpertShard, ShardStats
-from replicas.experts.transport_ray import RayTransport
+from replicas.experts.transport_ray import DEFAULT_CALL_TIMEOUT_S, RayTransport
 from replicas.experts.wire import unpack
 
 # Zero-copy torch tensors through the object store; idle OpenMP threads sleep rather than spin.
@@ -128,8 +128,8 @@ class ExpertPool:
         self.actors[bundle] = actor
         return actor
 
-    def transport(self) -> RayTransport:
-        return RayTransport(self.actors)
+    def transport(self, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> RayTransport:
+        return RayTransport(self.actors, call_timeout_s)
 
     def move_to(self, placement: ExpertPlacement, dispatchers: list[ExpertDispatcher]) -> int:
         """Moves the pool to `placement` while traffic runs, with dispatchers in this process (the

@@ -1,6 +1,9 @@
 """Expert transport over Ray actor calls: one async call per destination shard per MoE layer, each
 carrying one packed fp32 numpy array (`wire.py`; numpy crosses the object store zero-copy). The
-simplest transport and the fault-tolerant one: a restarted shard actor retries the call."""
+simplest transport and the fault-tolerant one: a restarted shard actor retries the call. A shard
+that neither answers nor dies (a hung GPU, a stopped process) fails the layer after
+`call_timeout_s` (ExpertCallTimeout), so the engine step fails its requests with an error instead of
+every request on every replica waiting forever; the timeout must outlast a shard's restart."""
 
 from __future__ import annotations
 
@@ -14,12 +17,19 @@ import torch
 from replicas.experts.dispatch import ExpertTransport, ShardMessage
 from replicas.experts.wire import pack
 
+DEFAULT_CALL_TIMEOUT_S = 120.0  # a shard restart (new process, its experts loaded again) fits
+
+
+class ExpertCallTimeout(RuntimeError):
+    """An expert shard answered none of a layer's calls in time."""
+
 
 class RayTransport(ExpertTransport):
     is_async = True  # actor calls return futures; shards compute while the caller runs on
 
-    def __init__(self, actors: Sequence[Any]) -> None:
+    def __init__(self, actors: Sequence[Any], call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> None:
         self._actors = list(actors)
+        self.call_timeout_s = call_timeout_s
 
     def use_actors(self, actors: Sequence[Any]) -> None:
         """The pool's new shard list (a placement switch): grows before the table that uses new
@@ -35,6 +45,13 @@ class RayTransport(ExpertTransport):
 
     def wait(self, handle: object) -> list[torch.Tensor]:
         assert isinstance(handle, list)
-        arrays: list[np.ndarray] = ray.get(handle)
+        try:
+            arrays: list[np.ndarray] = ray.get(handle, timeout=self.call_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            for ref in handle:
+                ray.cancel(ref)  # a stopped shard that resumes skips what nobody waits for
+            raise ExpertCallTimeout(
+                f"an expert shard did not answer within {self.call_timeout_s} s"
+            ) from None
         # results come back as read-only views of the object store: copy (small) before torch uses them
         return [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -104,5 +105,35 @@ def test_two_attention_replicas_share_one_pool(ray_cluster: object, checkpoint: 
         for t in threads:
             t.join()
         assert results == [expected, expected]
+    finally:
+        pool.shutdown()
+
+
+def test_a_hung_shard_fails_its_steps_in_bounded_time_and_the_engine_recovers(
+    ray_cluster: object, checkpoint: Path
+) -> None:
+    """Catches a stopped (hung, not dead) expert process making every request wait forever: with
+    the shard SIGSTOPped, each request ends with an error within the call timeout; after SIGCONT the
+    same engine serves the same prompts exactly again."""
+    expected = _outputs(_engine(checkpoint, None), PROMPTS)
+    placement = initial_placement(list(range(1, 7)), 16, 2)
+    pool = ExpertPool.start(checkpoint, placement, ShardResources(num_cpus=0.5))
+    try:
+        victim = ray.get(pool.actors[1].pid.remote())
+        engine = _engine(checkpoint, ExpertDispatcher(pool.transport(call_timeout_s=2.0), placement, 16))
+        assert _outputs(engine, PROMPTS) == expected
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+            started = time.monotonic()
+            out = engine.generate([GenerateRequest(f"h{i}", p, params) for i, p in enumerate(PROMPTS)])
+            waited = time.monotonic() - started
+            errors = [c.error for chunks in out.values() for c in chunks if c.error is not None]
+            assert len(errors) == len(PROMPTS) and all("did not answer within 2.0 s" in e for e in errors)
+            assert waited < 60  # one failed step per request at most, not a wait for the shard
+        finally:
+            os.kill(victim, signal.SIGCONT)
+        assert _outputs(engine, PROMPTS) == expected
+        assert ray.get(pool.actors[1].pid.remote()) == victim  # the same process, resumed
     finally:
         pool.shutdown()
