@@ -273,3 +273,85 @@ def _an_attention_replica_pid() -> int:
             )
             return int(ray.get(handle.__ray_call__.remote(lambda self: os.getpid())))
     raise AssertionError("no Attention replica actor found")
+
+
+def _streams(client: openai.OpenAI, n: int, max_tokens: int = 80) -> tuple[list[threading.Thread], list[str]]:
+    """`n` streaming chats started in threads; each appends how it ended: "done", "status N" (an
+    HTTP error), "error ..." (an SSE error event) or "dropped ..." (the connection went)."""
+    results: list[str] = []
+
+    def one(i: int) -> None:
+        try:
+            stream = client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": f"Tell me about fault number {i}"}],
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+            )
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    results.append("done")
+                    return
+            results.append("cut")
+        except openai.APIStatusError as e:
+            results.append(f"status {e.status_code}")
+        except (openai.APIConnectionError, httpx.HTTPError) as e:
+            results.append(f"dropped {type(e).__name__}")
+        except openai.APIError as e:
+            results.append(f"error {e.message[:40]}")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def _serving_again(client: openai.OpenAI, timeout_s: float = 120.0) -> float:
+    """Seconds until a request succeeds again (the recovery time)."""
+    started = time.monotonic()
+    while True:
+        try:
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
+            return time.monotonic() - started
+        except (openai.APIStatusError, openai.APIConnectionError):
+            assert time.monotonic() - started < timeout_s, "the cluster did not serve again"
+            time.sleep(0.5)
+
+
+def _named_actor(fragment: str) -> object:
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if fragment in actor["name"]:
+            return ray.get_actor(actor["name"], namespace=actor["namespace"])
+    raise AssertionError(f"no actor named like {fragment}")
+
+
+def test_killed_serve_controller_loses_no_request(client: openai.OpenAI) -> None:
+    """Catches a data path that depends on Serve's controller: with the controller killed mid-stream
+    (Ray restarts it), every running stream still finishes, and new requests are served."""
+    threads, results = _streams(client, 4)
+    time.sleep(1.0)
+    ray.kill(_named_actor("SERVE_CONTROLLER_ACTOR"), no_restart=False)
+    for t in threads:
+        t.join(timeout=180)
+    assert results == ["done"] * 4, results
+    _serving_again(client)
+    wait_running()
+
+
+def test_killed_proxy_or_gateway_ends_its_streams_and_the_cluster_serves_again(client: openai.OpenAI) -> None:
+    """Catches streams that hang when the HTTP proxy or the gateway replica under them dies, and a
+    cluster that does not come back: each running stream ends (finished, or with an error the
+    client sees), and requests are served again once Serve has restarted the actor."""
+    for fragment in ("SERVE_PROXY_ACTOR", "SERVE_REPLICA::mimo#Gateway"):
+        threads, results = _streams(client, 4, max_tokens=200)
+        time.sleep(1.0)
+        ray.kill(_named_actor(fragment), no_restart=False)
+        for t in threads:
+            t.join(timeout=180)
+        assert len(results) == 4, (fragment, results)  # none still waiting
+        assert all(r == "done" or r.startswith(("dropped", "status 5", "error", "cut")) for r in results)
+        _serving_again(client)
+        wait_running()
