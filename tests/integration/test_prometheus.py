@@ -168,8 +168,9 @@ def test_load_step_scales_attention_up_and_back_and_dashboards_have_data(
         t.join(timeout=300)
     assert samples[-1][1] == 2, f"never scaled up: {samples[-5:]}"
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:  # every count read is a sample: CI once saw the loop end on
-        samples.append((time.monotonic(), _num_attention_replicas()))  # a read it did not record
+    # every count read is a sample (CI once saw the loop end on a read it did not record)
+    while time.monotonic() < deadline:
+        samples.append((time.monotonic(), _num_attention_replicas()))
         if samples[-1][1] == 1:
             break
         time.sleep(1.0)
