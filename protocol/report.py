@@ -73,6 +73,10 @@ class ReplicaReport:
     log_end: int  # last seq assigned; 0 before any event
     events: tuple[LogEvent, ...]
     snapshot: Snapshot | None
+    # measured by the replica's engine (None: not measured, e.g. an older replica; routers then use
+    # their calibrated defaults). Added last with defaults, so older senders and readers still work.
+    step_s: float | None = None  # mean engine step time, recent steps
+    prefill_tokens_per_s: float | None = None  # prompt tokens computed per second of a prefill step
 
 
 def routing_stats(report: ReplicaReport) -> dict[str, ReplicaReport]:

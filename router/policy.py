@@ -1,12 +1,23 @@
 """Pure placement policies: prefix-aware scoring, its least-loaded fallback, and two baselines.
 
-score = prefix_weight * cached_prefix_blocks - load_weight * num_requests - kv_weight * kv_usage
-(blocks, not tokens: the spec's unit). A replica whose report is missing or older than
-`stale_after_s` adds no prefix or KV term; when no candidate is fresh the ranking is plain least
-loaded. Equal scores go first to the replica holding the fewest cached blocks (a prompt nobody
-caches lands where it evicts the least and spreads distinct prefixes, so one replica does not end
-up the home of most sessions), then by a rendezvous hash of (the prompt's first block, replica id):
-deterministic, since every gateway's view converges to the same block sets.
+The prefix policy's default cost (`cost="time"`) is a replica's expected time to first token, in
+seconds, from its measured rates (`expected_ttft`):
+    wait_s    = num_requests * step_s                 (each request ahead costs about one engine step)
+    prefill_s = uncached_prompt_tokens / prefill_tokens_per_s
+    kv_s      = kv_usage * prefill_s                  (a block allocated on a replica whose KV is a
+                fraction f in use evicts, with probability about f, a cached block someone's hit needs)
+`step_s` and `prefill_tokens_per_s` come from the replica's report when it measures them, else
+from `RouterConfig.default_step_s` / `default_prefill_tokens_per_s` (calibrated on the tiny model by
+`benchmarks/routing_calibrate.py`; docs/routing.md). The older `cost="blocks"` score is
+prefix_weight * cached_blocks - load_weight * num_requests - kv_weight * kv_usage.
+A replica whose report is missing or older than `stale_after_s` is scored with nothing cached and
+no KV term; when no candidate is fresh the ranking is plain least loaded.
+
+Ties (the same requests and cached blocks, costs within `tie_tolerance_s`) go by a rendezvous hash
+of (tie key, replica id), where the tie key is the request's distinguishing block
+(`tie_break="distinct"`: the first block no replica is known to hold, so sessions sharing a system
+prompt spread instead of all ranking the replicas in one order), deterministic across gateways. `tie_break="first_block"` keeps the older rule: the
+replica holding the fewest cached blocks, then the rendezvous hash of the prompt's first block.
 """
 
 from __future__ import annotations
@@ -23,6 +34,8 @@ PolicyName = Literal["prefix", "round_robin", "power_of_two"]
 # a replica's load is its last report plus what was routed to it since that report arrived
 LoadSource = Literal["handle", "reports"]
 RouteMode = Literal["prefix", "least_loaded", "round_robin", "power_of_two"]
+CostName = Literal["time", "blocks"]
+TieBreak = Literal["distinct", "first_block"]
 
 
 @dataclass(frozen=True)
@@ -45,10 +58,31 @@ class RouterConfig:
     # name of the `router.route_board.RouteBoard` actor through which the routers of several gateway
     # replicas share their guesses; "" keeps guesses local (one gateway)
     route_board: str = ""
+    share_loads: bool = True  # with a route board, also share in-flight counts (router.peer_loads)
+    cost: CostName = "time"  # "time": expected TTFT in seconds; "blocks": the weighted block score
+    # used when a replica's report carries no measured rates (benchmarks/routing_calibrate.py, this host)
+    default_step_s: float = 0.0087  # the tiny model's decode step at 8 sequences, one thread
+    default_prefill_tokens_per_s: float = 4694.0  # its 512-token prefill chunk, one thread
+    # expected TTFTs this close are a tie when requests and cached blocks are equal (time cost only)
+    tie_tolerance_s: float = 0.002
+    tie_break: TieBreak = "distinct"
+    # count a replica's least recently used blocks as gone, as many as its eviction rate says it
+    # evicted since the report (router.prefix_index). Off: in the replay it was wrong as often as
+    # right, since a router cannot tell which blocks running requests hold (docs/routing.md)
+    eviction_aware: bool = False
 
     def __post_init__(self) -> None:
         if self.load_source not in ("handle", "reports"):
             raise ValueError(f"RouterConfig.load_source must be handle or reports, got {self.load_source!r}")
+        if self.cost not in ("time", "blocks"):
+            raise ValueError(f"RouterConfig.cost must be time or blocks, got {self.cost!r}")
+        if self.tie_break not in ("distinct", "first_block"):
+            raise ValueError(
+                f"RouterConfig.tie_break must be distinct or first_block, got {self.tie_break!r}"
+            )
+        for name in ("default_step_s", "default_prefill_tokens_per_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RouterConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.policy not in ("prefix", "round_robin", "power_of_two"):
             raise ValueError(
                 f"RouterConfig.policy must be prefix, round_robin or power_of_two, got {self.policy!r}"
@@ -58,7 +92,7 @@ class RouterConfig:
                 raise ValueError(f"RouterConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.max_routing_wait_s <= 0:
             raise ValueError(f"RouterConfig.max_routing_wait_s must be > 0, got {self.max_routing_wait_s}")
-        for name in ("prefix_weight", "load_weight", "kv_weight", "guess_ttl_s"):
+        for name in ("prefix_weight", "load_weight", "kv_weight", "guess_ttl_s", "tie_tolerance_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RouterConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.stale_after_s <= 0:
@@ -85,6 +119,9 @@ class Candidate:
     kv_usage: float  # 0..1 from the last report
     is_fresh: bool  # a report younger than stale_after_s
     num_held_blocks: int = 0  # cached GA blocks the replica holds (its events; guesses excluded)
+    num_prompt_tokens: int = 0  # the request's prompt (the time cost's uncached tokens)
+    step_s: float | None = None  # the replica's measured engine step time (None: not reported)
+    prefill_tokens_per_s: float | None = None  # its measured prefill rate (None: not reported)
 
 
 @dataclass(frozen=True)
@@ -105,7 +142,36 @@ def decision_reason(decision: RouteDecision) -> str:
     return decision.mode
 
 
+@dataclass(frozen=True)
+class TtftTerms:
+    """The time cost's parts, in seconds (their sum is the expected time to first token)."""
+
+    wait_s: float
+    prefill_s: float
+    kv_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.wait_s + self.prefill_s + self.kv_s
+
+
+def expected_ttft(candidate: Candidate, config: RouterConfig) -> TtftTerms:
+    """Expected time to first token on the candidate (module docstring); a stale replica counts as
+    caching nothing and adds no KV term. At least one prompt token is always computed."""
+    c = candidate
+    step_s = c.step_s if c.step_s is not None and c.step_s > 0 else config.default_step_s
+    rate = c.prefill_tokens_per_s
+    rate = rate if rate is not None and rate > 0 else config.default_prefill_tokens_per_s
+    cached_tokens = c.cached_blocks * config.block_size if c.is_fresh else 0
+    prefill_s = max(1, c.num_prompt_tokens - cached_tokens) / rate
+    kv_s = min(1.0, max(0.0, c.kv_usage)) * prefill_s if c.is_fresh else 0.0
+    return TtftTerms(c.num_requests * step_s, prefill_s, kv_s)
+
+
 def score(candidate: Candidate, config: RouterConfig) -> float:
+    """Higher is better: minus the expected TTFT in seconds (`cost="time"`), or the block score."""
+    if config.cost == "time":
+        return -expected_ttft(candidate, config).total_s
     if not candidate.is_fresh:
         return -config.load_weight * candidate.num_requests
     return (
@@ -120,6 +186,20 @@ def rendezvous_key(tie_key: int, replica_id: str) -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
+def tie_key_of(
+    candidates: Sequence[Candidate], hashes: Sequence[int], fallback: int, tie_break: TieBreak
+) -> int:
+    """The rendezvous key of a request: its first block no fresh candidate is known to hold
+    ("distinct": past a prefix every replica shares, where requests start to differ), or its first
+    block ("first_block"); `fallback` (the salt's root hash) for a prompt without a full block."""
+    if not hashes:
+        return fallback
+    if tie_break == "first_block":
+        return hashes[0]
+    shared = max((c.cached_blocks for c in candidates if c.is_fresh), default=0)
+    return hashes[min(shared, len(hashes) - 1)]
+
+
 def rank_prefix(candidates: Sequence[Candidate], config: RouterConfig, tie_key: int) -> RouteDecision:
     """Best score first; least loaded (the same formula, no fresh view) when nobody is fresh."""
     if not candidates:
@@ -129,15 +209,18 @@ def rank_prefix(candidates: Sequence[Candidate], config: RouterConfig, tie_key: 
         scores = {c.replica_id: score(c, config) for c in candidates}
     else:  # least loaded whatever the weights are
         scores = {c.replica_id: -float(c.num_requests) for c in candidates}
-    ordered = sorted(
-        candidates,
-        key=lambda c: (
-            -scores[c.replica_id],
-            c.num_held_blocks,
-            rendezvous_key(tie_key, c.replica_id),
-            c.replica_id,
-        ),
-    )
+    if config.tie_break == "first_block":
+        ordered = sorted(
+            candidates,
+            key=lambda c: (
+                -scores[c.replica_id],
+                c.num_held_blocks,
+                rendezvous_key(tie_key, c.replica_id),
+                c.replica_id,
+            ),
+        )
+    else:
+        ordered = _spread_ties(candidates, scores, config, tie_key, is_any_fresh)
     top = ordered[0]
     return RouteDecision(
         ranked=tuple(c.replica_id for c in ordered),
@@ -145,6 +228,34 @@ def rank_prefix(candidates: Sequence[Candidate], config: RouterConfig, tie_key: 
         expected_hit_blocks=top.cached_blocks if top.is_fresh else 0,
         top_score=scores[top.replica_id],
     )
+
+
+def _spread_ties(
+    candidates: Sequence[Candidate],
+    scores: dict[str, float],
+    config: RouterConfig,
+    tie_key: int,
+    is_fresh: bool,
+) -> list[Candidate]:
+    """Best score first; the candidates tied with the best first, in rendezvous order of `tie_key`.
+    Tied: the same requests and cached blocks as the best, and a time cost within `tie_tolerance_s`
+    (measured rates differ by noise; a cached block never does) or an equal block score."""
+    ordered = sorted(candidates, key=lambda c: (-scores[c.replica_id], c.replica_id))
+    tolerance = config.tie_tolerance_s if is_fresh and config.cost == "time" else 0.0
+    best = ordered[0]
+
+    def state(c: Candidate) -> tuple[int, int]:
+        return c.num_requests, c.cached_blocks if c.is_fresh else 0
+
+    is_tied = [
+        c is best or (state(c) == state(best) and scores[best.replica_id] - scores[c.replica_id] <= tolerance)
+        for c in ordered
+    ]
+    tied = sorted(
+        (c for c, t in zip(ordered, is_tied, strict=True) if t),
+        key=lambda c: (rendezvous_key(tie_key, c.replica_id), c.replica_id),
+    )
+    return tied + [c for c, t in zip(ordered, is_tied, strict=True) if not t]
 
 
 class RoundRobin:

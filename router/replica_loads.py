@@ -11,6 +11,11 @@ replica still holding the first one and pile onto whichever replica reported las
     after (they were in it, and are gone now);
   - this router's in-flight count;
   - Serve's queue-length cache.
+  With other gateways' routers sharing their in-flight counts (`router.peer_loads`, through the
+  route board), the estimate is instead this router's in-flight count plus theirs (at least Serve's
+  queue length): every request in flight, within the board's ~50 ms. The report is left out then,
+  because it still counts the requests other routers saw finish since it was taken (with a
+  1-second-old report that overcounted by several requests per replica and herded the gateways).
 - load_source "reports" (requests are sent by someone else and never seen to end here): the report
   plus the requests routed there after it was taken.
 
@@ -63,16 +68,28 @@ class ReplicaLoads:
         self._release(replica_id)
 
     def num_requests(
-        self, replica_id: str, reported: int | None, recorded_at: float, queue_len: int, now: float
+        self,
+        replica_id: str,
+        reported: int | None,
+        recorded_at: float,
+        queue_len: int,
+        now: float,
+        peers: int | None = None,
     ) -> int:
         """Best estimate of running + waiting + in flight. `reported` is the fresh report's count,
         taken at `recorded_at` (None without a fresh report); `queue_len` is Serve's cached queue
-        length (0 if none)."""
+        length (0 if none); `peers` is the other routers' in-flight count there (None: not shared)."""
         if self.load_source == "reports":
             since = None if reported is None else recorded_at
             return (reported or 0) + self._recent.count_since(replica_id, since, now)
+        if peers is not None:
+            return max(self._in_flight[replica_id] + peers, queue_len)
         left = 0 if reported is None else max(0, reported - self._finished_since(replica_id, recorded_at))
         return max(left, self._in_flight[replica_id], queue_len)
+
+    def in_flight(self) -> dict[str, int]:
+        """This router's requests in flight per replica (what it shares with the other routers)."""
+        return {replica_id: n for replica_id, n in self._in_flight.items() if n > 0}
 
     def retain(self, replica_ids: Iterable[str]) -> None:
         """Forget replicas that are gone."""

@@ -103,7 +103,16 @@ class ReplicaReportBuilder:
         with self._lock:
             return len(self._held[pool])
 
-    def build(self, num_running: int, num_waiting: int, kv_usage: float) -> ReplicaReport:
+    def build(
+        self,
+        num_running: int,
+        num_waiting: int,
+        kv_usage: float,
+        step_s: float | None = None,
+        prefill_tokens_per_s: float | None = None,
+    ) -> ReplicaReport:
+        """The next report; `step_s` and `prefill_tokens_per_s` are the engine's measured rates
+        (None where it does not measure them: routers use their calibrated defaults)."""
         with self._lock:
             self._report_seq += 1
             self._trim_log()
@@ -133,6 +142,8 @@ class ReplicaReportBuilder:
                 log_end=self._last_seq,
                 events=tuple(e for _, e in self._log),
                 snapshot=snapshot,
+                step_s=step_s,
+                prefill_tokens_per_s=prefill_tokens_per_s,
             )
             self._last_reported_seq = self._last_seq
             return report

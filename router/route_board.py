@@ -1,4 +1,5 @@
-"""Routing guesses shared between gateway routers: a small Ray actor holding recent placements.
+"""Routing guesses and loads shared between gateway routers: a small Ray actor holding recent
+placements and each router's requests in flight.
 
 A router guesses that a replica will hold a prompt's blocks as soon as it sends the prompt there,
 but the replica's own report of those blocks reaches every router only after the next stats poll
@@ -8,7 +9,9 @@ PEERS.md). So each router sends its placements to one `RouteBoard` actor (batche
 and follows it with a long poll: other routers' placements arrive within tens of milliseconds and
 become guesses there too.
 `router.route_log.RouteLog` is the board's state; `RouteBoard` the Ray actor around it;
-`BoardClient` what a router holds. Only guesses travel this way: what a replica holds is still
+`BoardClient` what a router holds. Each router also publishes its in-flight count per replica
+(with its placements when they changed, and every LOAD_HEARTBEAT_S), so every router counts the
+others' requests (`router.peer_loads`) instead of herding on a second-old report. What a replica holds is still
 decided by its own reports.
 """
 
@@ -23,7 +26,7 @@ from typing import Any
 
 import ray
 
-from router.route_log import RouteEntry, RouteLog, pack_hashes, unpack_hashes
+from router.route_log import BoardRead, LoadsSender, RouteLog, pack_hashes, unpack_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,8 @@ BATCH_S = 0.02  # a router sends its placements at most this often (one call for
 # after a read that brought placements, a follower waits this long before the next, so a burst of
 # placements by other routers costs one reply, not one each
 COALESCE_S = 0.05
+# a router republishes unchanged counts this often, so that the board keeps it (route_log.LOADS_TTL_S)
+LOAD_HEARTBEAT_S = 1.0
 
 
 class RouteBoard:
@@ -41,13 +46,15 @@ class RouteBoard:
     def __init__(self) -> None:
         self.log = RouteLog()
 
-    async def publish(self, router_id: str, placements: list[tuple[str, bytes]]) -> None:
+    async def publish(
+        self, router_id: str, placements: list[tuple[str, bytes]], loads: dict[str, int] | None = None
+    ) -> None:
         for replica_id, block_hashes in placements:
             self.log.publish(router_id, replica_id, block_hashes)
+        if loads is not None:
+            self.log.publish_loads(router_id, loads)
 
-    async def wait_since(
-        self, epoch: str, cursor: int, router_id: str, timeout_s: float
-    ) -> tuple[str, int, list[RouteEntry]]:
+    async def wait_since(self, epoch: str, cursor: int, router_id: str, timeout_s: float) -> BoardRead:
         return await self.log.wait_since(epoch, cursor, router_id, timeout_s)
 
 
@@ -58,12 +65,16 @@ def get_or_create_board(name: str) -> Any:
 
 
 ApplyGuess = Callable[[str, list[int], float], None]  # (replica id, block hashes, age in seconds)
+# (router id, its requests in flight per replica); (None, {}) first when the others' counts are void
+ApplyLoads = Callable[[str | None, dict[str, int]], None]
+OwnLoads = Callable[[], dict[str, int]]  # this router's requests in flight per replica
 
 
 class BoardClient:
     """A router's side. `publish` only queues; `run` (one task on the router's event loop) sends the
-    queue every BATCH_S and long-polls the board, applying other routers' placements. Best effort:
-    placements queued while the board is down are dropped, and routing never waits for it."""
+    queue with the router's in-flight counts (when changed) every BATCH_S and long-polls the board,
+    applying other routers' placements and counts. Best effort: placements queued while the board
+    is down are dropped, and routing never waits for it."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -72,44 +83,59 @@ class BoardClient:
         self._epoch = ""
         self._cursor = 0
         self._queue: list[tuple[str, bytes]] = []
+        self.loads_sender = LoadsSender(LOAD_HEARTBEAT_S)
         self._failed_logged = False
 
     def publish(self, replica_id: str, block_hashes: Sequence[int]) -> None:
         if block_hashes:
             self._queue.append((replica_id, pack_hashes(block_hashes)))
 
-    async def run(self, apply: ApplyGuess) -> None:
+    async def run(
+        self, apply: ApplyGuess, apply_loads: ApplyLoads | None = None, own_loads: OwnLoads | None = None
+    ) -> None:
         """Sends and follows until cancelled or until this process leaves Ray; after a failure waits
-        RETRY_S and gets (or creates) the board again."""
-        await asyncio.gather(self._send_loop(), self._follow_loop(apply))
+        RETRY_S and gets (or creates) the board again. Without `own_loads` no counts are shared."""
+        await asyncio.gather(self._send_loop(own_loads), self._follow_loop(apply, apply_loads))
 
-    async def _send_loop(self) -> None:
+    async def _send_loop(self, own_loads: OwnLoads | None) -> None:
         while ray.is_initialized():
             await asyncio.sleep(BATCH_S)
-            if not self._queue:
-                continue
+            now = time.monotonic()
+            is_heartbeat_due = own_loads is not None and self.loads_sender.is_heartbeat_due(now)
+            if not self._queue and not is_heartbeat_due:
+                continue  # counts ride with placements (one call for both), or on the heartbeat
+            loads = None if own_loads is None else self.loads_sender.to_send(own_loads(), now)
             batch, self._queue = self._queue, []
-            try:
-                self._handle().publish.remote(self.router_id, batch)  # not awaited: nothing to wait for
+            try:  # not awaited: nothing to wait for
+                self._handle().publish.remote(self.router_id, batch, loads)
             except Exception as exc:
                 self._board_failed(exc)
 
-    async def _follow_loop(self, apply: ApplyGuess) -> None:
+    async def _follow_loop(self, apply: ApplyGuess, apply_loads: ApplyLoads | None) -> None:
         while ray.is_initialized():
             try:
                 ref = self._handle().wait_since.remote(self._epoch, self._cursor, self.router_id, LONG_POLL_S)
-                epoch, cursor, entries = await asyncio.wait_for(ref, LONG_POLL_S + 30.0)
+                read: BoardRead = await asyncio.wait_for(ref, LONG_POLL_S + 30.0)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._board_failed(exc)
+                if apply_loads is not None:
+                    apply_loads(None, {})  # nobody's counts are current now
                 await asyncio.sleep(RETRY_S)
                 continue
             now = time.time()
-            self._epoch, self._cursor = epoch, cursor
-            for e in entries:
+            if read.epoch != self._epoch:
+                self.loads_sender.reset()  # a new board knows nobody's counts: send ours again
+                if apply_loads is not None:
+                    apply_loads(None, {})
+            self._epoch, self._cursor = read.epoch, read.cursor
+            for e in read.entries:
                 apply(e.replica_id, unpack_hashes(e.block_hashes), max(0.0, now - e.published_at))
-            if entries:
+            if apply_loads is not None:
+                for load in read.loads:
+                    apply_loads(load.router_id, dict(load.counts))
+            if not read.is_empty:
                 await asyncio.sleep(COALESCE_S)
 
     def _handle(self) -> Any:

@@ -1,10 +1,13 @@
 """The one file touching Serve's alpha `RequestRouter` API: prefix-aware routing for a handle.
 
-Each candidate's latest report (`protocol.report.ReplicaReport`, in Serve's routing stats) is applied to a local
-`PrefixIndex` whenever Serve pushes replica updates; a request's prompt and salt (its one argument,
-a `protocol.messages.GenerateRequest`) are hashed like the engine does, replicas are scored by
-`router.policy`, and the ranking is returned one replica per rank, so Serve takes the best one that still has room. Not FIFO: Serve's
-default matching hands the chosen replica to this exact request, which is what prefix affinity needs.
+The decisions are `router.router_core.RouterCore`'s (pure; the replay benchmark drives the same
+class): each candidate's latest report (`protocol.report.ReplicaReport`, in Serve's routing stats)
+is applied whenever Serve pushes replica updates; a request's prompt and salt (its one argument, a
+`protocol.messages.GenerateRequest`) are hashed like the engine does, replicas are scored by
+`router.policy`, and the ranking is returned one replica per rank, so Serve takes the best one that
+still has room. Not FIFO: Serve's default matching hands the chosen replica to this exact request,
+which is what prefix affinity needs. With several gateways, the route board carries every router's
+placements and in-flight counts to the others (`router.route_board`).
 
 Serve asks again while no ranked replica has room; each request is marked for Serve's exponential
 backoff between those asks (a custom router otherwise gets them back to back, a core spinning), and
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,24 +27,12 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
 from observability.recorder import Metrics
-from protocol.block_hash import root_hash
 from protocol.messages import GenerateRequest
 from protocol.report import report_in
 from router.hashing import hash_prompt_blocks
-from router.policy import (
-    Candidate,
-    PowerOfTwo,
-    RoundRobin,
-    RouteDecision,
-    RouterConfig,
-    decision_reason,
-    rank_prefix,
-)
-from router.prefix_index import PrefixIndex
-from router.replica_loads import ReplicaLoads
+from router.policy import Candidate, RouteDecision, RouterConfig, decision_reason
 from router.route_board import BoardClient
-
-MAX_TRACKED_REQUESTS = 65536  # routed requests remembered for in-flight counts (oldest dropped)
+from router.router_core import RouterCore
 
 
 class RoutingTimeout(RuntimeError):
@@ -57,13 +48,6 @@ class DecisionRecord:
     reason: str  # policy.decision_reason: prefix, load, fallback, round_robin, power_of_two
     num_prompt_tokens: int
     expected_hit_tokens: int
-
-
-@dataclass(frozen=True)
-class _Routed:
-    replica_id: str
-    block_hashes: tuple[int, ...]
-    routed_at: float  # time.time(), as `router.replica_loads` counts
 
 
 def make_request_router_config(
@@ -115,12 +99,9 @@ class PrefixAwareRequestRouter(RequestRouter):
     def _setup(self, config: RouterConfig) -> None:
         self.config = config
         self.metrics = self.make_metrics()
-        self.index = PrefixIndex(config.block_size, config.guess_ttl_s)
-        self._round_robin = RoundRobin()
-        self._power_of_two = PowerOfTwo(config.seed)
-        self._routed: OrderedDict[str, _Routed] = OrderedDict()  # internal request id -> where
+        self.core = RouterCore(config)
+        self.index = self.core.index
         self._first_asked: dict[str, float] = {}  # internal request id -> monotonic time, until placed
-        self._loads = ReplicaLoads(config.load_source, config.stale_after_s)
         self.decisions: deque[DecisionRecord] = deque(maxlen=1024)
         self.num_decisions: Counter[str] = Counter()  # reason -> decisions
         self.num_expected_hit_tokens = 0
@@ -140,15 +121,11 @@ class PrefixAwareRequestRouter(RequestRouter):
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         self._apply_reports(replicas)
-        live = {r.replica_id.unique_id for r in replicas}
-        self.index.retain(live)
-        self._loads.retain(live)
+        self.core.retain([r.replica_id.unique_id for r in replicas])
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        live = [r.unique_id for r in self.curr_replicas if r != replica_id]
-        self.index.retain(live)
-        self._loads.retain(live)
+        self.core.retain([r.unique_id for r in self.curr_replicas if r != replica_id])
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -163,11 +140,7 @@ class PrefixAwareRequestRouter(RequestRouter):
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         token_ids, salt = _prompt_of(pending_request)
         hashes: list[int] = []
-        if self.config.policy == "round_robin":
-            decision = self._round_robin.rank(list(by_id))
-        elif self.config.policy == "power_of_two":
-            decision = self._power_of_two.rank(await self._candidates(candidate_replicas, [], 0))
-        else:
+        if self.config.policy == "prefix":
             if token_ids:
                 hashes = await hash_prompt_blocks(
                     token_ids,
@@ -176,10 +149,9 @@ class PrefixAwareRequestRouter(RequestRouter):
                     self.config.max_hashed_blocks,
                     self.config.hash_chunk_blocks,
                 )
-            tie_key = hashes[0] if hashes else root_hash(salt)
             self._follow_board()
-            candidates = await self._candidates(candidate_replicas, hashes, len(token_ids))
-            decision = rank_prefix(candidates, self.config, tie_key)
+        candidates = await self._candidates(candidate_replicas, hashes, len(token_ids))
+        decision = self.core.rank(candidates, hashes, salt)
         if pending_request is not None:
             self._note_routed(pending_request, decision.ranked[0], hashes)
             self._record(pending_request, decision, len(token_ids))
@@ -190,22 +162,13 @@ class PrefixAwareRequestRouter(RequestRouter):
     ) -> None:
         """Serve took another replica than our first choice (it was full): move the guess there."""
         request_id = pending_request.metadata.internal_request_id
-        routed = self._routed.get(request_id)
         actual = replica_id.unique_id
-        if routed is None or routed.replica_id == actual:
-            return
-        self._loads.moved(routed.replica_id, actual)
-        self._routed[request_id] = _Routed(actual, routed.block_hashes, routed.routed_at)
-        self.index.drop_guesses(routed.replica_id, routed.block_hashes)
-        self.index.note_routed(actual, routed.block_hashes, time.monotonic())
-        if self._board is not None:
-            self._board.publish(actual, routed.block_hashes)
+        moved = self.core.moved(request_id, actual, time.monotonic())
+        if moved is not None and self._board is not None:
+            self._board.publish(actual, moved)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        routed = self._routed.get(internal_request_id)
-        if routed is not None and routed.replica_id == replica_id.unique_id:
-            del self._routed[internal_request_id]
-            self._loads.completed(routed.replica_id, routed.routed_at, time.time())
+        self.core.completed(internal_request_id, replica_id.unique_id, time.time())
 
     # --- internals -------------------------------------------------------------------------------
 
@@ -231,73 +194,60 @@ class PrefixAwareRequestRouter(RequestRouter):
     def _apply_reports(self, replicas: Sequence[RunningReplica]) -> None:
         now = time.monotonic()
         for replica in replicas:
-            self.index.apply_report(replica.replica_id.unique_id, report_in(replica.routing_stats), now)
+            self.core.apply_report(replica.replica_id.unique_id, report_in(replica.routing_stats), now)
 
     async def _candidates(
         self, replicas: Sequence[RunningReplica], hashes: Sequence[int], num_tokens: int
     ) -> list[Candidate]:
-        """Each replica's cached prefix and load (requests: `router.replica_loads`). A long prompt
-        yields to the loop between replicas (matching costs up to ~1 µs per block per replica)."""
+        """Each replica's cached prefix and load (`RouterCore.candidate`). A long prompt yields to
+        the loop between replicas (matching costs up to ~1 µs per block per replica)."""
         is_long = len(hashes) > self.config.hash_chunk_blocks
         now, wall_now = time.monotonic(), time.time()
         candidates: list[Candidate] = []
         for replica in replicas:
             if is_long and candidates:
                 await asyncio.sleep(0)
-            replica_id = replica.replica_id.unique_id
-            load = self.index.load(replica_id, now)
-            is_fresh = load is not None and load.report_age_s <= self.config.stale_after_s
-            reported, recorded_at = None, 0.0
-            if load is not None and is_fresh:
-                reported, recorded_at = load.num_running + load.num_waiting, load.recorded_at
             queue_len = self.replica_queue_len_cache.get(replica.replica_id) or 0
-            num_requests = self._loads.num_requests(replica_id, reported, recorded_at, queue_len, wall_now)
-            cached = self.index.matched_blocks(replica_id, hashes, num_tokens, now) if hashes else 0
-            kv_usage = load.kv_usage if load is not None else 0.0
-            held = self.index.num_held_blocks(replica_id) if is_fresh else 0
-            candidates.append(Candidate(replica_id, cached, num_requests, kv_usage, is_fresh, held))
+            candidates.append(
+                self.core.candidate(
+                    replica.replica_id.unique_id, hashes, num_tokens, queue_len, now, wall_now
+                )
+            )
         return candidates
 
     def _note_routed(self, pending_request: PendingRequest, replica_id: str, hashes: Sequence[int]) -> None:
-        """Count the request against its first choice now, so a burst routed before any replica
-        answers still spreads; undone if the request is cancelled before it is sent."""
+        """Count the request against its first choice now (`RouterCore.routed`); undone if the
+        request is cancelled before it is sent."""
         request_id = pending_request.metadata.internal_request_id
-        self._forget(request_id)  # a retry of the same request
-        now, wall_now = time.monotonic(), time.time()
-        self._routed[request_id] = _Routed(replica_id, tuple(hashes), wall_now)
-        self._loads.routed(replica_id, wall_now)
-        self.index.note_routed(replica_id, hashes, now)
+        self.core.routed(request_id, replica_id, hashes, time.monotonic(), time.time())
         if self._board is not None:
             self._board.publish(replica_id, hashes)
-        while len(self._routed) > MAX_TRACKED_REQUESTS:
-            self._forget(next(iter(self._routed)))
 
         def on_done(future: asyncio.Future[Any]) -> None:
-            if future.cancelled():
-                routed = self._routed.get(request_id)
-                if routed is not None and routed.replica_id == replica_id:
-                    self._forget(request_id)
+            if future.cancelled() and self.core.routed_to(request_id) == replica_id:
+                self.core.forget(request_id)
 
         pending_request.future.add_done_callback(on_done)
 
     def _follow_board(self) -> None:
         """Starts the board client's task on the router's loop at the first decision (never waits)."""
         if self._board is not None and self._board_task is None:
+            own_loads = self.core.own_loads if self.config.share_loads else None
             self._board_task = asyncio.get_running_loop().create_task(
-                self._board.run(self._apply_shared_guess)
+                self._board.run(self._apply_shared_guess, self._apply_peer_loads, own_loads)
             )
 
     def _apply_shared_guess(self, replica_id: str, block_hashes: list[int], age_s: float) -> None:
         """Another router sent a prompt to `replica_id` `age_s` ago: the same guess it made."""
-        if age_s < self.config.guess_ttl_s:
-            self.index.note_routed(replica_id, block_hashes, time.monotonic() - age_s)
+        self.core.apply_shared_guess(replica_id, block_hashes, age_s, time.monotonic())
 
-    def _forget(self, request_id: str) -> None:
-        """Drop a routed request that did not run where it was routed (retried, cancelled, or
-        the oldest of too many tracked)."""
-        routed = self._routed.pop(request_id, None)
-        if routed is not None:
-            self._loads.dropped(routed.replica_id)
+    def _apply_peer_loads(self, router_id: str | None, counts: dict[str, int]) -> None:
+        """Another router's requests in flight per replica (`router.peer_loads`); None: the board
+        failed or was recreated, so nobody's counts are current."""
+        if router_id is None:
+            self.core.forget_peer_loads()
+        else:
+            self.core.apply_peer_loads(router_id, counts)
 
     def _record(
         self, pending_request: PendingRequest, decision: RouteDecision, num_prompt_tokens: int

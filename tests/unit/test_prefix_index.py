@@ -238,3 +238,45 @@ def test_chunked_hashing_equals_the_engine_hashes_and_yields() -> None:
     assert yields >= 7  # 50 blocks in chunks of 7: 7 yields between 8 chunks
     capped = asyncio.run(hash_prompt_blocks(tokens, B, None, max_blocks=9, chunk_blocks=4))
     assert capped == block_hashes(tokens, B)[:9]
+
+
+def test_eviction_aware_match_drops_the_least_recently_freed_blocks() -> None:
+    """Catches an eviction-aware view that discounts recently used blocks (a prompt just freed by
+    a finished request), ignores the replica's measured eviction rate, or discounts guesses."""
+    clock = [0.0]
+    b = ReplicaReportBuilder(block_size=B, window=0, epoch="e1", clock=lambda: clock[0])
+    old, new = block_hashes(list(range(500, 513)), B), block_hashes(list(range(600, 613)), B)  # 3 blocks each
+    b.add_events([stored(old), stored(new), stored([1, 2, 3, 4])])
+    index = PrefixIndex(B, guess_ttl_s=5.0)
+    index.apply_report("r", report(b), now=0.0)
+    clock[0] = 2.0
+    b.add_events([removed([1, 2, 3, 4])])  # 4 blocks in 2 s
+    index.apply_report("r", report(b), now=2.0)
+    assert index.evictions_per_s("r") == 0.3 * 4 / 2  # smoothed from 0 (EVICTION_RATE_WEIGHT)
+    assert index.matched_blocks("r", old, 13, now=2.0, num_evicted=3) == 0  # the 3 oldest: all of old
+    assert index.matched_blocks("r", new, 13, now=2.0, num_evicted=3) == 3
+    assert index.matched_blocks("r", old, 13, now=2.0, num_evicted=0) == 3
+    index.note_freed("r", old)  # a request using them just finished: now the newest
+    assert index.matched_blocks("r", old, 13, now=3.0, num_evicted=3) == 3
+    assert index.matched_blocks("r", new, 13, now=3.0, num_evicted=3) == 0
+    index.note_routed("r", new, now=3.0)
+    index.note_freed("r", old)
+    assert index.matched_blocks("r", new, 13, now=4.0, num_evicted=6) == 3  # guessed: still held
+
+
+def test_a_snapshot_keeps_the_known_blocks_order_and_puts_new_ones_last() -> None:
+    """Catches a snapshot reload that forgets every block's last use (all would look equally old
+    and the first eviction estimate would wipe the whole view)."""
+    b = builder(window=0, config=ReportConfig(retain_reports=1, snapshot_every=1))
+    first, second = HASHES[:2], block_hashes(list(range(700, 709)), B)
+    b.add_events([stored(first)])
+    index = PrefixIndex(B, guess_ttl_s=0.0)
+    index.apply_report("r", report(b), now=0.0)
+    b.add_events([stored(second)])
+    report(b)  # a report this router missed: its events leave the one-report log
+    b.add_events([stored([77])])
+    latest = report(b)
+    assert latest.snapshot is not None and latest.log_start > 2
+    index.apply_report("r", latest, now=5.0)
+    assert index.matched_blocks("r", [*first, 0], 9, now=5.0, num_evicted=2) == 0
+    assert index.matched_blocks("r", second, 9, now=5.0, num_evicted=2) == 2

@@ -20,7 +20,10 @@ from router.policy import (
     score,
 )
 
-CONFIG = RouterConfig(block_size=16, prefix_weight=1.0, load_weight=4.0, kv_weight=8.0)
+# the block score and its older tie rule (fewest held blocks, then the first block's rendezvous)
+CONFIG = RouterConfig(
+    block_size=16, prefix_weight=1.0, load_weight=4.0, kv_weight=8.0, cost="blocks", tie_break="first_block"
+)
 
 
 def cand(
@@ -57,7 +60,7 @@ def test_stale_replicas_get_no_prefix_credit_and_all_stale_is_least_loaded() -> 
     """Catches routing by a cache view that may be long gone (a replica that stopped reporting)."""
     mixed = rank_prefix([cand("stale", cached=50, fresh=False), cand("fresh", cached=1)], CONFIG, 0)
     assert mixed.ranked == ("fresh", "stale") and mixed.mode == "prefix"
-    no_load_weight = RouterConfig(load_weight=0.0)
+    no_load_weight = RouterConfig(load_weight=0.0, cost="blocks")
     fallback = rank_prefix(
         [cand("a", cached=50, requests=3, fresh=False), cand("b", requests=1, fresh=False)], no_load_weight, 0
     )

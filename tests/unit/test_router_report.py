@@ -170,3 +170,17 @@ def test_builder_mirrors_the_engine_pools_exactly() -> None:
     assert (b.num_held("full"), b.num_held("swa")) == (len(full), len(swa))
     assert len(full) > 4 and len(swa) > 0  # the workload really cached ...
     assert {e.pool for e in report.events if e.kind == "removed"} == {"full", "swa"}  # ... and evicted
+
+
+def test_measured_rates_travel_and_an_older_report_reads_them_as_unmeasured() -> None:
+    """Catches the protocol change breaking an older replica's report (pickled without the new
+    fields: routers must read None and fall back to their defaults) or dropping the rates."""
+    report = builder().build(1, 0, 0.1, step_s=0.012, prefill_tokens_per_s=5000.0)
+    assert (report.step_s, report.prefill_tokens_per_s) == (0.012, 5000.0)
+    assert builder().build(1, 0, 0.1).step_s is None
+    old = object.__new__(type(report))  # what unpickling an older replica's report gives
+    old.__dict__.update(
+        {k: v for k, v in report.__dict__.items() if k not in ("step_s", "prefill_tokens_per_s")}
+    )
+    old = pickle.loads(pickle.dumps(old))
+    assert (old.step_s, old.prefill_tokens_per_s, old.num_running) == (None, None, 1)
