@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from replicas.engine.engine_config import EngineConfig
+from router.policy import RouterConfig
 
 EMBEDDED_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "mimo-tiny"
 
@@ -160,9 +161,34 @@ class RouterSpec(_Spec):
     policy: Literal["prefix", "round_robin", "power_of_two"] = Field(
         "prefix", description="how the gateway picks an attention replica"
     )
-    prefix_weight: float = Field(1.0, ge=0, description="score per cached prefix token (in blocks)")
-    load_weight: float = Field(4.0, ge=0, description="score penalty per running+queued request")
-    kv_weight: float = Field(8.0, ge=0, description="score penalty per unit of KV usage (0..1)")
+    cost: Literal["time", "blocks"] = Field(
+        "time",
+        description="time: a replica's expected time to first token in seconds (queue wait + prefill of "
+        "the uncached tokens + KV pressure) from its measured step time and prefill rate; blocks: the "
+        "older weighted score (prefix_weight, load_weight, kv_weight)",
+    )
+    default_step_s: float = Field(
+        RouterConfig.default_step_s,
+        gt=0,
+        description="time cost: step time assumed for a replica that has not measured one yet "
+        "(calibrated on the tiny model, benchmarks/routing_calibrate.py)",
+    )
+    default_prefill_tokens_per_s: float = Field(
+        RouterConfig.default_prefill_tokens_per_s,
+        gt=0,
+        description="time cost: prefill rate assumed for a replica that has not measured one yet",
+    )
+    tie_break: Literal["distinct", "first_block"] = Field(
+        "distinct",
+        description="equal costs: hash the first block no replica holds (sessions behind one system prompt "
+        "spread) or the prompt's first block (the older rule)",
+    )
+    share_loads: bool = Field(
+        True, description="several gateway replicas share their in-flight counts per replica (route board)"
+    )
+    prefix_weight: float = Field(1.0, ge=0, description="blocks cost: score per cached prefix block")
+    load_weight: float = Field(4.0, ge=0, description="blocks cost: score penalty per running+queued request")
+    kv_weight: float = Field(8.0, ge=0, description="blocks cost: score penalty per unit of KV usage (0..1)")
     stale_after_s: float = Field(10.0, gt=0, description="replica stats older than this are ignored")
     guess_ttl_s: float = Field(
         10.0,

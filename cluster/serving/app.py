@@ -159,6 +159,11 @@ def _router_config(spec: ClusterSpec) -> RequestRouterConfig:
     config = RouterConfig(
         policy=r.policy,
         block_size=spec.engine.block_size,
+        cost=r.cost,
+        default_step_s=r.default_step_s,
+        default_prefill_tokens_per_s=r.default_prefill_tokens_per_s,
+        tie_break=r.tie_break,
+        share_loads=r.share_loads,
         prefix_weight=r.prefix_weight,
         load_weight=r.load_weight,
         kv_weight=r.kv_weight,

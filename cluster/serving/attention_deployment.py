@@ -123,6 +123,8 @@ class AttentionDeployment:
             num_running=snap.num_running,
             num_waiting=snap.num_waiting,
             kv_usage=snap.kv_usage.get("full", 0.0),
+            step_s=snap.step_s,
+            prefill_tokens_per_s=snap.prefill_tokens_per_s,
         )
         return routing_stats(report)
 

@@ -35,6 +35,8 @@ class EngineSnapshot:
     num_drafted_tokens: int
     num_accepted_draft_tokens: int
     num_preemptions: int
+    step_s: float | None = None  # mean recent step time (replicas.engine.step_rates); None: no step yet
+    prefill_tokens_per_s: float | None = None  # recent prefill rate; None: no prefill yet
 
 
 @dataclass
@@ -170,6 +172,8 @@ class AsyncEngine:
             num_drafted_tokens=stats["drafted_tokens"],
             num_accepted_draft_tokens=stats["accepted_draft_tokens"],
             num_preemptions=self.engine.scheduler.num_preemptions_total,
+            step_s=self.engine.rates.step_s,
+            prefill_tokens_per_s=self.engine.rates.prefill_tokens_per_s,
         )
 
     def _drain_commands(self) -> None:

@@ -24,6 +24,7 @@ from replicas.engine.requests import EngineRequest, RequestUpdate
 from replicas.engine.runner import ModelRunner
 from replicas.engine.sampler import RowState
 from replicas.engine.scheduler import Scheduler, SchedulerConfig
+from replicas.engine.step_rates import StepRates
 from replicas.engine.stop_strings import StopStringMatcher
 from replicas.experts.dispatch import ExpertDispatcher
 
@@ -80,6 +81,7 @@ class Engine:
         self.device = self.runner.paged.device
         self._live: dict[str, _Live] = {}
         self.stats = {"drafts": 0, "drafted_tokens": 0, "accepted_draft_tokens": 0, "steps": 0}
+        self.rates = StepRates()  # measured step time and prefill rate, for the routers' cost
 
     # -- requests ---------------------------------------------------------------------------
     def add(self, request: GenerateRequest) -> None:
@@ -133,6 +135,7 @@ class Engine:
 
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[Chunk]:
+        started = time.monotonic()
         plan = self.scheduler.schedule()
         now = time.monotonic()
         for s in plan.scheduled:
@@ -159,6 +162,10 @@ class Engine:
         for s, o in zip(plan.scheduled, output.seqs, strict=True):
             if s.draft_token_ids and o.sampled_token_ids:
                 self.stats["accepted_draft_tokens"] += len(o.sampled_token_ids) - 1
+        if plan.scheduled:
+            ended = time.monotonic()
+            prefill_tokens = sum(len(s.token_ids) for s in plan.scheduled if s.is_prefill_chunk)
+            self.rates.record(ended, ended - started, prefill_tokens)
         return chunks
 
     def _on_update(self, update: RequestUpdate, extras: object) -> Chunk | None:

@@ -132,3 +132,24 @@ def test_rate_limits_are_shared_when_several_processes_serve_the_api(gateway: di
 
     spec = ClusterSpec.from_dict({"gateway": gateway, "autoscaling": {"enabled": False}})
     assert (RATE_LIMITS in _deployment_names(build_application(spec))) == shared
+
+
+def test_router_spec_options_reach_the_router() -> None:
+    """Catches a router option in the spec that the served router never gets (the spec would lie)."""
+    from cluster.serving.app import _router_config
+    from router.policy import RouterConfig
+
+    router = {
+        "cost": "blocks",
+        "tie_break": "first_block",
+        "share_loads": False,
+        "default_step_s": 0.02,
+        "default_prefill_tokens_per_s": 1000.0,
+        "prefix_weight": 2.0,
+    }
+    spec = ClusterSpec.from_dict({"router": router, "autoscaling": {"enabled": False}})
+    config = RouterConfig.from_kwargs(_router_config(spec).request_router_kwargs)
+    assert {name: getattr(config, name) for name in router} == router
+    default = RouterConfig.from_kwargs(_router_config(ClusterSpec()).request_router_kwargs)
+    assert (default.cost, default.tie_break, default.share_loads) == ("time", "distinct", True)
+    assert default.default_step_s == RouterConfig().default_step_s
