@@ -62,6 +62,9 @@ for key, value in {
     "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1",
 }.items():
     os.environ.setdefault(key, value)
+# Ray reads its auth mode when it is imported (below, through the cluster's modules), before
+# `new_cluster_token` makes the token: token auth on, as `mimo serve` runs it
+os.environ["RAY_AUTH_MODE"] = "token"
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
