@@ -27,9 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=DefaultsFormatter,
         help="KubeRay RayService, services, policies and monitoring objects",
     )
-    k8s.add_argument(
-        "--config", type=Path, default=None, help="cluster spec YAML (default: the built-in spec)"
-    )
+    _add_config(k8s)
     k8s.add_argument(
         "--overlay",
         choices=list(OVERLAYS),
@@ -48,10 +46,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=DefaultsFormatter,
         help="the container image the manifests run (kubernetes.image)",
     )
-    image.add_argument(
+    _add_config(image)
+    image.set_defaults(func=run_image_ref)
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--config", type=Path, default=None, help="cluster spec YAML (default: the built-in spec)"
     )
-    image.set_defaults(func=run_image_ref)
 
 
 def run_image_ref(args: argparse.Namespace) -> int:
