@@ -70,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.process_cpu import cpu_seconds, snapshot  # noqa: E402
+from benchmarks.provenance import provenance  # noqa: E402
 from benchmarks.routing_trace import (  # noqa: E402
     CPU_PREFIX,
     RequestResult,
@@ -599,6 +600,7 @@ def main() -> None:
     bare = run_process_policies(url_runnable, sglang, trace, args, nonces) if args.bare_processes else {}
     spec = make_spec(args)
     result = {
+        "source": provenance(),
         "setup": {
             "trace": {
                 "seed": args.seed, "sessions": args.sessions, "requests": trace.num_requests,

@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import provenance  # noqa: E402
 from benchmarks.replay_replica import ReplicaParams  # noqa: E402
 from benchmarks.replay_sim import Outcome, SimConfig, Simulation, ceiling_hit_rate  # noqa: E402
 from benchmarks.replay_workload import TRACES, make_workload, trace_sessions  # noqa: E402
@@ -151,16 +151,6 @@ def markdown(rows: list[dict[str, Any]], delays: list[float]) -> str:
     return "\n".join(out)
 
 
-def commit() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty_files": git("status", "--porcelain", "router").splitlines(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,7 +194,7 @@ def main() -> None:
             runs.append(run)
     result = {
         "label": args.label,
-        "source": commit(),
+        "source": provenance(),
         "parameters": {
             "block_size": BLOCK_SIZE,
             "traces": {name: asdict(TRACES[name]) for name in args.traces},
