@@ -220,6 +220,16 @@ class GatewaySpec(_Spec):
     requests_per_minute: int | None = Field(None, ge=1, description="per-key request rate limit")
     tokens_per_minute: int | None = Field(None, ge=1, description="per-key prompt+completion token limit")
     max_pending_requests: int = Field(512, ge=1, description="requests in the gateway before 503")
+    max_queue_wait_s: float | None = Field(
+        None,
+        gt=0,
+        description="longest a request may wait for its first token (router, Serve's queue, the "
+        "engine's waiting queue and its prefill); past it the request is aborted and answered 503 "
+        "with Retry-After; none: no bound in time (the queues are bounded in counts: "
+        "engine.max_queued_requests, attention.max_ongoing_requests, max_pending_requests). Prefill "
+        "counts, so set it above the longest prompt's prefill; the gateway's bound, so not with "
+        "direct_streaming",
+    )
     default_thinking: bool = Field(
         False,
         description="reasoning for chat requests that set neither `thinking` nor "

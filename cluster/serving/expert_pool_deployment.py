@@ -43,7 +43,10 @@ class ExpertPoolDeployment:
         self.moe_layers = [i for i, is_moe in enumerate(config.is_moe_layer) if is_moe]
         self.num_experts = config.num_experts
         self.placement = initial_placement(self.moe_layers, config.num_experts, self.spec.experts.num_shards)
-        self.version = 0
+        # Shard actors fate-share with this replica: when it is lost (its node died), Serve starts a
+        # new one with new shards. Starting at a version no earlier pool used makes every attention
+        # replica's next sync hand it those shards; from 0 each would keep calling the dead ones.
+        self.version = time.time_ns()
         x = self.spec.experts
         self.pool = ExpertPool.start(
             self.spec.model.path,

@@ -97,7 +97,9 @@ class GatewayDeployment:
         from gateway.api import build_app
         from mimo.tokenizer import Tokenizer
 
-        client = ServeEngineClient(self.attention, lambda: is_app_ready(self.pool))
+        client = ServeEngineClient(
+            self.attention, lambda: is_app_ready(self.pool), self.spec.gateway.max_queue_wait_s
+        )
         config = gateway_config(self.spec)
         tokenizer = Tokenizer.from_dir(self.spec.model.path)
         return build_app(client, tokenizer, config, ray_metrics(), api_limits(config, self.limits))

@@ -217,30 +217,7 @@ def test_killed_attention_replica_fails_only_its_requests_retriably(
     """Catches a replica death that hangs clients or takes down requests on the other replica, and
     a /ready that answers 503 while Serve restarts it although the other replica serves."""
     victim_pid = _an_attention_replica_pid()
-    results: list[str] = []
-
-    def one(i: int) -> None:
-        try:
-            stream = client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": f"Story number {i}"}],
-                max_tokens=120,
-                temperature=0,
-                stream=True,
-            )
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].finish_reason:
-                    results.append("done")
-                    return
-            results.append("cut")
-        except openai.APIStatusError as e:
-            results.append(f"status {e.status_code}")
-        except openai.APIError as e:  # the SSE error event of a request on the dead replica
-            results.append(f"error {e.message[:40]}")
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
+    threads, results = _streams(client, 6, max_tokens=120)
     time.sleep(1.0)
     os.kill(victim_pid, signal.SIGKILL)
     ready_url = app_url.removesuffix("/v1") + "/ready"

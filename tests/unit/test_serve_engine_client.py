@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from ray.exceptions import ActorDiedError
+from ray.serve.exceptions import BackPressureError
 
 from cluster.serving.engine_clients import ServeEngineClient
 from gateway.engine_client import EngineError
@@ -18,6 +19,8 @@ from protocol.sampling import SamplingParams
 
 
 class _Response:
+    """Plays a script: chunks, exceptions to raise, floats to sleep (seconds)."""
+
     def __init__(self, script: list[object]) -> None:
         self._script = script
         self.cancelled = False
@@ -29,10 +32,16 @@ class _Response:
         for item in self._script:
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, float):
+                await asyncio.sleep(item)
+                continue
             yield item
 
     def cancel(self) -> None:
         self.cancelled = True
+        failed = [item for item in self._script if isinstance(item, BackPressureError)]
+        if failed:  # as Ray 2.60 does: cancel() re-raises the failed assignment's error
+            raise failed[0]
 
 
 class _Handle:
@@ -62,11 +71,11 @@ async def _ready() -> bool:
     return True
 
 
-def _run(handle: _Handle) -> tuple[list[Chunk], EngineError | None]:
+def _run(handle: _Handle, max_queue_wait_s: float | None = None) -> tuple[list[Chunk], EngineError | None]:
     async def consume() -> tuple[list[Chunk], EngineError | None]:
         got: list[Chunk] = []
         try:
-            async for chunk in ServeEngineClient(handle, _ready).generate(
+            async for chunk in ServeEngineClient(handle, _ready, max_queue_wait_s).generate(
                 GenerateRequest("r1", [1, 2, 3], SamplingParams(), None)
             ):
                 got.append(chunk)
@@ -110,3 +119,30 @@ def test_an_error_that_is_not_a_replica_death_is_not_retried(failure: Exception)
     assert got == [] and error is not None and error.refusal.status == 503
     assert len(handle.calls) == 1
     assert handle.responses[0].cancelled
+
+
+def test_a_full_queue_is_a_503_with_retry_after_even_when_cancel_reraises() -> None:
+    """Catches Serve's backpressure escaping the gateway as a bare 503 without Retry-After (found
+    by tests/chaos/test_overload.py): Ray 2.60's cancel() raised the refusal again, over ours."""
+    full = BackPressureError(num_queued_requests=9, max_queued_requests=8, status_code=503)
+    handle = _Handle([full])
+    got, error = _run(handle)
+    assert got == [] and error is not None
+    assert (error.refusal.status, error.refusal.retry_after_s) == (503, 1.0)
+    assert "capacity" in error.refusal.message and handle.responses[0].cancelled
+
+
+def test_no_first_chunk_within_max_queue_wait_is_a_503_and_the_call_is_cancelled() -> None:
+    """Catches a queued request waiting without bound under overload (gateway.max_queue_wait_s)."""
+    handle = _Handle([30.0, _chunk(5, finish=True)])
+    got, error = _run(handle, max_queue_wait_s=0.2)
+    assert got == [] and error is not None
+    assert (error.refusal.status, error.refusal.retry_after_s) == (503, 1.0)
+    assert "0.2 s" in error.refusal.message and handle.responses[0].cancelled
+
+
+def test_the_queue_bound_is_on_the_first_chunk_only() -> None:
+    """Catches a slow stream being cut once it has started (the bound is for waiting, not decoding)."""
+    handle = _Handle([_chunk(5), 0.5, _chunk(6, finish=True)])
+    got, error = _run(handle, max_queue_wait_s=0.2)
+    assert error is None and [c.token_ids for c in got] == [[5], [6]]
