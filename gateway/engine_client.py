@@ -24,6 +24,11 @@ class EngineError(Exception):
         self.refusal = refusal
 
 
+def transient_refusal(chunk: Chunk) -> Refusal:
+    """A chunk that ended its request with a transient failure (`retry_after_s` set), as a 503."""
+    return Refusal(503, f"{chunk.error}; retry the request", None, chunk.retry_after_s)
+
+
 class EngineClient(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:

@@ -18,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from protocol.messages import Chunk
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -58,6 +60,15 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers())
+
+
+def generation_failed(chunk: Chunk) -> APIError:
+    """A request that failed inside its replica after it started: 503 with Retry-After when the
+    failure is transient (`Chunk.retry_after_s`), else 500."""
+    if chunk.retry_after_s is not None:
+        message = f"generation failed: {chunk.error}; retry the request"
+        return APIError(503, message, None, "generation_failed", chunk.retry_after_s)
+    return APIError(500, f"generation failed: {chunk.error}", None, "generation_failed")
 
 
 def _param_of(loc: tuple[Any, ...], body: Any, is_missing: bool) -> str | None:

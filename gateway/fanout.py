@@ -1,7 +1,8 @@
 """Runs the n engine requests of one API call and merges their chunks in arrival order.
 
 Every request's first chunk is awaited before the HTTP response starts, so a refusal (bad
-parameter, overload) becomes a proper status code rather than an error inside a 200 stream. Closing
+parameter, overload), or a transient failure before any output (`Chunk.retry_after_s`), becomes a
+proper status code rather than an error inside a 200 stream. Closing
 the merged stream (client gone) closes every engine stream, which aborts them and frees their KV.
 """
 
@@ -12,7 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from gateway.engine_client import EngineClient
+from gateway.engine_client import EngineClient, EngineError, transient_refusal
 from protocol.messages import Chunk, GenerateRequest
 
 
@@ -36,6 +37,9 @@ class FanOut:
             for call in self._calls:
                 self._streams.append(self._client.generate(call.request))
             self._firsts = list(await asyncio.gather(*(anext(s) for s in self._streams)))
+            for first in self._firsts:  # failed transiently before any output: a 503, not a 200 stream
+                if first.error is not None and first.retry_after_s is not None:
+                    raise EngineError(transient_refusal(first))
         except BaseException:
             await self.close()
             raise

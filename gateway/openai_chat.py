@@ -13,7 +13,7 @@ from gateway.assemble import ChoiceAssembler, ChoiceDelta
 from gateway.auth import Tenant
 from gateway.chat import render_chat
 from gateway.engine_client import EngineError
-from gateway.errors import APIError
+from gateway.errors import generation_failed
 from gateway.fanout import EngineCall, FanOut
 from gateway.params import check_prompt, engine_params
 from gateway.schemas import ChatCompletionRequest
@@ -92,7 +92,7 @@ async def _collect(
         total.logprobs += delta.logprobs
         if chunk.finish_reason is not None:
             if chunk.error:
-                raise APIError(500, f"generation failed: {chunk.error}", None, "generation_failed")
+                raise generation_failed(chunk)
             total.finish_reason = delta.finish_reason
             usage = _usage(usage, chunk)
     state.charge(tenant, usage[1])
@@ -148,7 +148,7 @@ async def _stream(
             )
         async for index, chunk in fanout.chunks():
             if chunk.error:
-                yield sse_error(f"generation failed: {chunk.error}")
+                yield sse_error(generation_failed(chunk).message)
                 continue
             delta = assemblers[index].push(chunk, body.logprobs)
             if chunk.finish_reason is not None:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from gateway.assemble import token_text
 from gateway.auth import Tenant
 from gateway.engine_client import EngineError
-from gateway.errors import APIError
+from gateway.errors import APIError, generation_failed
 from gateway.fanout import EngineCall, FanOut
 from gateway.params import check_prompt, engine_params
 from gateway.schemas import DEFAULT_MAX_TOKENS, CompletionRequest
@@ -97,7 +97,7 @@ async def completion(state: Gateway, tenant: Tenant, body: CompletionRequest, ri
         texts[index] += chunk.text
         if chunk.finish_reason is not None:
             if chunk.error:
-                raise APIError(500, f"generation failed: {chunk.error}", None, "generation_failed")
+                raise generation_failed(chunk)
             finish[index] = chunk.finish_reason
             if chunk.usage is not None:
                 completion_tokens += chunk.usage.completion_tokens
@@ -141,7 +141,7 @@ async def _stream(
                 )
         async for index, chunk in fanout.chunks():
             if chunk.error:
-                yield sse_error(f"generation failed: {chunk.error}")
+                yield sse_error(generation_failed(chunk).message)
                 continue
             lp = _logprobs(state.tokenizer, chunk, offsets[index]) if body.logprobs is not None else None
             offsets[index] += len(chunk.text)

@@ -48,7 +48,10 @@ class TokenLogprobs:
 @dataclass(frozen=True)
 class Chunk:
     """New output of one request: token ids, their text, and on the last chunk a finish reason
-    and the usage; `error` says why a request failed inside the replica (finish reason "error")."""
+    and the usage; `error` says why a request failed inside the replica (finish reason "error"),
+    and `retry_after_s` is set when that failure is transient (the request waited past the
+    engine's queue bound, or the expert shards were lost): the same request may succeed if sent
+    again after that long (HTTP 503 with Retry-After)."""
 
     request_id: str
     token_ids: list[int]
@@ -57,6 +60,7 @@ class Chunk:
     usage: Usage | None = None
     logprobs: TokenLogprobs | None = None
     error: str | None = None
+    retry_after_s: float | None = None
 
     def followed_by(self, later: Chunk) -> Chunk:
         """This chunk and the next one of the same request as one chunk (this one not finishing)."""
@@ -66,7 +70,7 @@ class Chunk:
             logprobs = later.logprobs if logprobs is None else logprobs + later.logprobs
         return Chunk(
             self.request_id, self.token_ids + later.token_ids, self.text + later.text, later.finish_reason,
-            later.usage, logprobs, later.error,
+            later.usage, logprobs, later.error, later.retry_after_s,
         )  # fmt: skip
 
 

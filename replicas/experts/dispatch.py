@@ -30,6 +30,11 @@ class ShardMessage:
     is_every_row: bool = False  # rows are all the layer call's rows, in order (nothing to scatter)
 
 
+class ExpertsUnavailable(RuntimeError):
+    """A layer's expert calls failed for a reason outside the request: a shard died, did not answer
+    in time, or is being replaced. Transient: the engine fails the step's requests as retriable."""
+
+
 class ExpertTransport(abc.ABC):
     """Moves one MoE layer's messages to shards and their partial outputs back."""
 

@@ -14,13 +14,13 @@ import numpy as np
 import ray
 import torch
 
-from replicas.experts.dispatch import ExpertTransport, ShardMessage
+from replicas.experts.dispatch import ExpertsUnavailable, ExpertTransport, ShardMessage
 from replicas.experts.wire import pack
 
 DEFAULT_CALL_TIMEOUT_S = 120.0  # a shard restart (new process, its experts loaded again) fits
 
 
-class ExpertCallTimeout(RuntimeError):
+class ExpertCallTimeout(ExpertsUnavailable):
     """An expert shard answered none of a layer's calls in time."""
 
 
@@ -53,5 +53,9 @@ class RayTransport(ExpertTransport):
             raise ExpertCallTimeout(
                 f"an expert shard did not answer within {self.call_timeout_s} s"
             ) from None
+        # the shard's actor died or is restarting (its node, its pool owner), or its result was lost
+        # with its node; an error raised inside a shard's compute (RayTaskError) is not transient
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+            raise ExpertsUnavailable(f"an expert shard failed: {type(e).__name__}") from e
         # results come back as read-only views of the object store: copy (small) before torch uses them
         return [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]

@@ -230,6 +230,49 @@ def test_an_unexpected_exception_is_an_openai_json_500() -> None:
     }
 
 
+class _TransientClient(EngineClient):
+    """An engine client whose replica fails each request transiently (lost expert shards), after
+    `num_tokens` tokens."""
+
+    def __init__(self, num_tokens: int) -> None:
+        self.num_tokens = num_tokens
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk]:
+        rid = request.request_id
+        if self.num_tokens:
+            yield Chunk(rid, [5] * self.num_tokens, "hello")
+        yield Chunk(rid, [], "", "error", None, None, "engine step failed: shard gone", 5.0)
+
+    async def is_ready(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_transient_failure_before_any_output_is_a_503_with_retry_after(stream: bool) -> None:
+    """Catches lost expert shards answered as a 500 (or an error inside a 200 stream), which clients
+    do not retry, instead of a 503 with Retry-After."""
+    tokenizer = Tokenizer.from_dir(TINY)
+    app = build_app(_TransientClient(0), tokenizer, GatewayConfig("mimo-tiny", max_model_len=256))
+    body = {"model": "mimo-tiny", "messages": MESSAGES, "max_tokens": 4, "stream": stream}
+    with TestClient(app) as client:
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
+    assert "retry the request" in response.json()["error"]["message"]
+
+
+def test_a_transient_failure_after_output_says_retry() -> None:
+    """Catches a non-streamed request that failed transiently after some tokens being a 500."""
+    tokenizer = Tokenizer.from_dir(TINY)
+    app = build_app(_TransientClient(2), tokenizer, GatewayConfig("mimo-tiny", max_model_len=256))
+    with TestClient(app) as client:
+        response = client.post("/v1/completions", json={"model": "mimo-tiny", "prompt": "x", "max_tokens": 4})
+        assert response.status_code == 503 and response.headers["retry-after"] == "5"
+        body = {"model": "mimo-tiny", "prompt": "x", "max_tokens": 4, "stream": True}
+        streamed = client.post("/v1/completions", json=body)
+    assert streamed.status_code == 200  # tokens went out: the failure is an error event that says retry
+    assert "retry the request" in streamed.text and streamed.text.rstrip().endswith("[DONE]")
+
+
 def test_reasoning_starts_without_the_templates_newline() -> None:
     """Catches `reasoning_content` starting with "\\n" when `<think>` and its newline arrive in
     different chunks (as the engine streams them)."""
