@@ -80,6 +80,13 @@ class EngineSpec(_Spec):
     max_prefill_chunk: int = Field(
         _ENGINE.max_prefill_chunk, ge=1, description="longest prefill chunk of one request per step"
     )
+    long_prefill_chunk: int = Field(
+        _ENGINE.long_prefill_chunk,
+        ge=0,
+        description="in a step with no decode running, a prefill chunk (and the step) may be this "
+        "long: fewer steps for a long prompt on an otherwise idle replica (about 10% at 8K-32K "
+        "tokens on CPU, benchmarks/NOTES.md); a running decode keeps the short chunk. 0: off",
+    )
     max_model_len: int | None = Field(None, ge=2, description="context limit; default the model's")
     num_mtp_drafts: int = Field(0, ge=0, le=3, description="MTP draft tokens per step (0 = off)")
     max_draft_batch: int | None = Field(

@@ -38,6 +38,7 @@ def engine_config(spec: ClusterSpec) -> Any:
         max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens,
         max_prefill_chunk=e.max_prefill_chunk,
+        long_prefill_chunk=e.long_prefill_chunk,
         max_model_len=e.max_model_len,
         num_mtp_drafts=e.num_mtp_drafts,
         max_draft_batch=e.max_draft_batch,

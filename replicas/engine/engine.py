@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,15 +18,19 @@ from mimo.model import MiMoForCausalLM
 from mimo.tokenizer import IncrementalDetokenizer, Tokenizer
 from protocol.messages import Chunk, GenerateRequest, TokenLogprobs, Usage
 from protocol.sampling import InvalidSamplingParameter
-from replicas.engine.engine_config import EngineConfig, build_layout, context_limit
+from replicas.engine.engine_config import EngineConfig, build_layout, context_limit, scheduler_config
 from replicas.engine.kv_cache import KVCacheManager
 from replicas.engine.requests import EngineRequest, RequestUpdate
 from replicas.engine.runner import ModelRunner
 from replicas.engine.sampler import RowState
-from replicas.engine.scheduler import Scheduler, SchedulerConfig
+from replicas.engine.scheduler import Scheduler
 from replicas.engine.step_rates import StepRates
 from replicas.engine.stop_strings import StopStringMatcher
-from replicas.experts.dispatch import ExpertDispatcher
+from replicas.experts.dispatch import ExpertDispatcher, ExpertsUnavailable
+
+# a step whose expert calls failed (a shard lost or replaced, `ExpertsUnavailable`): its requests
+# end with this Retry-After; Serve replaces a lost shard or pool in seconds (docs/operations.md)
+EXPERTS_RETRY_AFTER_S = 5.0
 
 
 class InvalidRequest(ValueError):
@@ -66,17 +70,7 @@ class Engine:
         config.validate(model.config, checkpoint=model.source)  # names the checkpoint on a bad MTP ask
         layout = build_layout(model.config, config)
         self.kv_cache = KVCacheManager(layout, enable_prefix_cache=config.enable_prefix_cache)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_prefill_chunk=config.max_prefill_chunk,
-                block_size=config.block_size,
-                max_model_len=self.max_model_len,
-                num_lookahead_tokens=config.num_mtp_drafts,
-            ),
-            self.kv_cache,
-        )
+        self.scheduler = Scheduler(scheduler_config(model.config, config), self.kv_cache)
         self.runner = ModelRunner(model, layout, config.num_mtp_drafts, config.max_draft_batch, dispatcher)
         self.device = self.runner.paged.device
         self._live: dict[str, _Live] = {}
@@ -148,7 +142,10 @@ class Engine:
             output = self.runner.execute(plan, rows, tokens)
         except Exception as e:  # a failed forward fails its requests, not the engine
             updates = self.scheduler.fail_step(plan, f"engine step failed: {type(e).__name__}: {e}")
-            return [c for u in updates if (c := self._on_update(u, None)) is not None]
+            chunks = [c for u in updates if (c := self._on_update(u, None)) is not None]
+            if isinstance(e, ExpertsUnavailable):  # transient: the same request may succeed again
+                chunks = [replace(c, retry_after_s=EXPERTS_RETRY_AFTER_S) for c in chunks]
+            return chunks
         for s in plan.scheduled:
             self.stats["drafted_tokens"] += len(s.draft_token_ids)
             self.stats["drafts"] += bool(s.draft_token_ids)

@@ -14,6 +14,7 @@ from pathlib import Path
 from mimo.config import LayerType, MiMoConfig
 from mimo.sizes import kv_bytes_per_token
 from replicas.engine.kv_layout import KVLayout, plan_layout
+from replicas.engine.scheduler import SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_prefill_chunk: int = 512
+    # prompt tokens of one request (and of the step) in a step with no decode; 0: off (SchedulerConfig)
+    long_prefill_chunk: int = 0
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_mtp_drafts: int = 0  # 0 = no speculative decoding; up to the checkpoint's MTP blocks
     # Draft only in steps where at most this many sequences sample (None: in every step). Verifying
@@ -42,6 +45,8 @@ class EngineConfig:
         shortfall = mtp_shortfall(self.num_mtp_drafts, model, checkpoint)
         if shortfall is not None:
             raise ValueError(f"engine.num_mtp_drafts={self.num_mtp_drafts} but {shortfall}")
+        if self.long_prefill_chunk < 0:
+            raise ValueError(f"long_prefill_chunk must be >= 0, got {self.long_prefill_chunk}")
         if self.max_draft_batch is not None and self.max_draft_batch < 1:
             raise ValueError(f"max_draft_batch must be >= 1 or None, got {self.max_draft_batch}")
 
@@ -71,13 +76,16 @@ def single_sequence_budget(model: MiMoConfig, config: EngineConfig, max_len: int
     """KV bytes for one sequence of `max_len` tokens under `config` (what `mimo generate` needs)."""
     full, swa = pool_bytes_per_token(model, config)
     bs = config.block_size
-    swa_tokens = (
-        model.sliding_window_size + 2 * config.num_mtp_drafts + config.max_num_batched_tokens + 3 * bs
-    )
+    swa_tokens = model.sliding_window_size + 2 * config.num_mtp_drafts + max_step_tokens(config) + 3 * bs
     # the layout gives the SWA pool at most half the budget, and the GA pool must hold max_len
     return max(
         2 * swa * swa_tokens, swa * swa_tokens + full * (max_len + config.num_mtp_drafts + bs)
     ) + bs * (full + swa)
+
+
+def max_step_tokens(config: EngineConfig) -> int:
+    """Most tokens one step feeds (`SchedulerConfig.max_step_tokens`): what the SWA pool must cover."""
+    return max(config.max_num_batched_tokens, config.long_prefill_chunk)
 
 
 def context_limit(model: MiMoConfig, max_model_len: int | None) -> int:
@@ -98,7 +106,20 @@ def build_layout(model: MiMoConfig, config: EngineConfig) -> KVLayout:
         block_size=config.block_size,
         window=model.sliding_window_size + config.num_mtp_drafts,
         max_running=config.max_num_seqs,
-        max_step_tokens=config.max_num_batched_tokens,
+        max_step_tokens=max_step_tokens(config),
         max_model_len=max_model_len,
         num_lookahead_tokens=config.num_mtp_drafts,
+    )
+
+
+def scheduler_config(model: MiMoConfig, config: EngineConfig) -> SchedulerConfig:
+    """The scheduler settings `config` implies (what the engine runs; tests drive it without a model)."""
+    return SchedulerConfig(
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_prefill_chunk=config.max_prefill_chunk,
+        block_size=config.block_size,
+        max_model_len=context_limit(model, config.max_model_len),
+        num_lookahead_tokens=config.num_mtp_drafts,
+        long_prefill_chunk=config.long_prefill_chunk,
     )

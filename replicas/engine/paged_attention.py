@@ -33,13 +33,15 @@ from functools import cached_property
 import torch
 
 from mimo.linear import runs_in_onednn
+from replicas.engine.online_attention import Causal, causal_for, online_attention
 
-# Prefill chunks attend in query blocks (`Band`): on SWA pools blocks of max(window,
-# BANDED_MIN_QUERIES) queries, on GA pools of BANDED_GA_QUERIES, once a group has at least
-# BANDED_MIN_BLOCKS of them; decode and MTP steps attend whole (`_full`).
+# Prefill chunks on SWA pools attend in query blocks (`Band`) of max(window, BANDED_MIN_QUERIES)
+# queries once a group has at least BANDED_MIN_BLOCKS of them; on GA pools a group of at least
+# ONLINE_MIN_QUERIES queries per segment attends key block by key block with an online softmax
+# (`online_attention`), and no mask over all its keys is made. Decode and MTP steps attend whole (`_full`).
 BANDED_MIN_BLOCKS = 4
 BANDED_MIN_QUERIES = 32
-BANDED_GA_QUERIES = 128
+ONLINE_MIN_QUERIES = 16
 # Gathered key counts are rounded up to a multiple of this (masked zero-slot keys fill the rest),
 # capped at the most a window can show: a GA decode step's key count otherwise grows by one each
 # step, a new shape for any kernel compiled or tuned per shape. It was added for oneDNN's bf16 bmm
@@ -67,27 +69,29 @@ class Group:
     num_q: int
     key_rows: torch.Tensor  # [Hkv * B * S] row of each gathered key in the cache seen as [Hkv * slots', D]
     # (head-major: head h's slot s is row h * slots' + s; padding and the sink read the zero slot)
-    mask: torch.Tensor  # [1, B, 1, Q, S'] additive, 0 visible / -inf hidden; S' = S - 1 with sinks
+    # [1, B, 1, Q, S'] additive, 0 visible / -inf hidden; S' = S - 1 with sinks; None with `causal`
+    mask: torch.Tensor | None
     # [Hkv * B, G * Q, S] the mask per score row (pools without sinks, attended whole)
     mask_3d: torch.Tensor | None
-    band: Band | None = None  # set: attend in query blocks (prefill chunks)
+    band: Band | None = None  # set: attend in query blocks (SWA prefill chunks)
+    causal: Causal | None = None  # set: GA prefill chunks, online softmax over key blocks
 
 
 @dataclass(frozen=True)
 class Band:
-    """Query blocks of a long group, each against only the keys it can see. Query q of a segment
-    sees gathered keys up to q + shift, and on SWA pools from q + shift - window, where shift =
-    its start position - its first gathered key's position (`min_shift`..`max_shift` over the
-    group's segments; equal for one segment)."""
+    """Query blocks of a long SWA group, each against only the keys it can see. Query q of a segment
+    sees gathered keys from q + shift - window up to q + shift, where shift = its start position -
+    its first gathered key's position (`min_shift`..`max_shift` over the group's segments; equal
+    for one segment)."""
 
     block: int  # queries per block
-    window: int | None  # None: global attention (every earlier key)
+    window: int
     min_shift: int
     max_shift: int
 
     def keys_for(self, q_start: int, q_end: int, num_keys: int) -> tuple[int, int]:
         """[lo, hi): the gathered keys any of queries [q_start, q_end) may see."""
-        lo = 0 if self.window is None else max(0, q_start + self.min_shift - self.window)
+        lo = max(0, q_start + self.min_shift - self.window)
         return lo, min(num_keys, q_end + self.max_shift)
 
     def shifted(self, start: int) -> Band:
@@ -96,9 +100,11 @@ class Band:
 
 
 def band_for(num_q: int, window: int | None, starts: torch.Tensor, firsts: torch.Tensor) -> Band | None:
-    """The band of a group of `num_q` queries per segment (its segments' start and first key
-    positions), or None when it is attended whole (decode and MTP steps: no tensor op)."""
-    block = BANDED_GA_QUERIES if window is None else max(window, BANDED_MIN_QUERIES)
+    """The band of an SWA group of `num_q` queries per segment (its segments' start and first key
+    positions), or None when it is attended whole (decode and MTP steps: no tensor op) or is GA."""
+    if window is None:
+        return None
+    block = max(window, BANDED_MIN_QUERIES)
     if num_q < BANDED_MIN_BLOCKS * block:
         return None
     shifts = starts - firsts
@@ -222,6 +228,7 @@ def narrow_queries(
     these rows shows it; the extra keys get weight exactly 0."""
     (g,) = batch.groups
     assert g.rows is None and g.num_seqs == 1 and start >= 0 and start + num_rows <= g.num_q
+    assert g.mask is not None, "narrowing a GA batch"
     mask = g.mask[:, :, :, start : start + num_rows]  # [1, 1, 1, Q', S']
     mask_3d = None
     if g.mask_3d is not None:
@@ -259,6 +266,11 @@ def _group(
     slots = torch.where(in_range, slots, zero_slot)
     if has_sink:
         slots = torch.cat((slots, torch.full((b, 1), zero_slot)), dim=1)  # [B, S' + 1]
+    # head-major rows of the cache seen as [Hkv * slots', D]: one dim-0 gather (module docstring)
+    key_rows = (torch.arange(num_kv_heads)[:, None] * (zero_slot + 1) + slots.view(1, -1)).view(-1)
+    if window is None and num_q >= ONLINE_MIN_QUERIES:
+        # no [B, Q, S'] positions and mask: ~400 MB for a 512-query chunk at 60K keys; made per key block
+        return Group(rows, b, num_q, key_rows.to(device), None, None, None, causal_for(starts, device))
     q_pos = starts[:, None] + torch.arange(num_q)[None, :]  # [B, Q]
     delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, Q, S']
     visible = (delta >= 0) & in_range[:, None, :]
@@ -272,8 +284,6 @@ def _group(
         mask_3d = mask.expand(num_kv_heads, b, group, num_q, num_keys).reshape(
             num_kv_heads * b, group * num_q, num_keys
         )
-    # head-major rows of the cache seen as [Hkv * slots', D]: one dim-0 gather (module docstring)
-    key_rows = (torch.arange(num_kv_heads)[:, None] * (zero_slot + 1) + slots.view(1, -1)).view(-1)
     return Group(rows, b, num_q, key_rows.to(device), mask, mask_3d, band)
 
 
@@ -314,7 +324,10 @@ def paged_attention(
             gathered = gathered.float()
         kv = gathered.view(num_kv_heads * b, -1, width)  # [Hkv * B, S, Dqk + Dv]
         k, v = kv[..., :dqk].transpose(1, 2), kv[..., dqk:]
-        if g.band is not None:
+        if g.causal is not None:
+            num_keys = k.shape[-1] - (1 if sink is not None else 0)
+            o = online_attention(qg, k, v, num_keys, g.causal, sink, num_kv_heads, group)
+        elif g.band is not None:
             o = _banded(qg, k, v, g, g.band, sink, num_kv_heads, group)
         else:
             o = _full(qg, k, v, g, sink, num_kv_heads, group)
@@ -334,6 +347,7 @@ def _full(
     b, nq = g.num_seqs, g.num_q
     if sink is not None:
         m = g.mask
+        assert m is not None
         s = m.shape[-1]
         mask = torch.cat(
             (m.expand(num_kv_heads, b, group, nq, s), sink.expand(num_kv_heads, b, group, nq, 1)), dim=-1
@@ -349,11 +363,11 @@ def _banded(
     num_kv_heads: int, group: int,
 ) -> torch.Tensor:  # fmt: skip
     """A prefill chunk in query blocks, each against only the keys it can see: the same result as
-    `_full` with fewer scores and no mask expanded per head. On SWA pools a block sees window + block keys
-    instead of window + chunk (a 2,048-query chunk with the release's 128 window: 8.5x fewer); on GA
-    pools the keys after the block are skipped (about half of a first chunk's). The sink key (the
-    last, zero) joins every block."""
+    `_full` with fewer scores and no mask expanded per head: a block sees window + block keys
+    instead of window + chunk (a 2,048-query chunk with the release's 128 window: 8.5x fewer). The
+    sink key (the last, zero) joins every block."""
     b, nq = g.num_seqs, g.num_q
+    assert g.mask is not None
     num_keys = k.shape[-1] - (1 if sink is not None else 0)
     size = band.block
     q4 = qg.view(num_kv_heads * b, group, nq, -1)

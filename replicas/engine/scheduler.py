@@ -1,8 +1,9 @@
 """Continuous batching: which requests run this step, how many tokens each, and with which blocks.
 
 Each step serves running decodes first, then running prefill chunks, then admits waiting requests
-by (priority, arrival) while the token budget, the sequence cap and the KV blocks allow. When
-blocks run out the lowest-priority, latest running request is preempted by recompute.
+by (priority, arrival) while the token budget, the sequence cap and the KV blocks allow. A step
+with no decode to serve may take longer prefill chunks (`long_prefill_chunk`): nobody waits on
+its latency. When blocks run out the lowest-priority, latest running request is preempted by recompute.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ class SchedulerConfig:
     block_size: int
     max_model_len: int  # prompt + generated tokens at most
     num_lookahead_tokens: int = 0  # MTP draft slots per sampling step (drafts are capped at it)
+    # prompt tokens of one request, and tokens of the whole step, at most in a step that serves no
+    # decode (0: max_prefill_chunk and max_num_batched_tokens always). Longer chunks pay the per-step
+    # costs (weights read, the GA keys gathered per layer) fewer times; with a decode running the
+    # step keeps the short chunk, so a decode waits at most one short step.
+    long_prefill_chunk: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -46,21 +52,31 @@ class SchedulerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_lookahead_tokens < 0:
-            raise ValueError(f"num_lookahead_tokens must be >= 0, got {self.num_lookahead_tokens}")
+        if self.num_lookahead_tokens < 0 or self.long_prefill_chunk < 0:
+            raise ValueError(
+                "num_lookahead_tokens and long_prefill_chunk must be >= 0, got "
+                f"{self.num_lookahead_tokens}, {self.long_prefill_chunk}"
+            )
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs, or decodes could starve")
 
     @property
+    def max_step_tokens(self) -> int:
+        """Most tokens any step feeds: the budget of a step without decodes if that is larger."""
+        return max(self.max_num_batched_tokens, self.long_prefill_chunk)
+
+    @property
     def max_step_positions_per_seq(self) -> int:
         """Most KV positions one request writes in a step: its tokens plus lookahead slots."""
-        num_fed = max(min(self.max_prefill_chunk, self.max_num_batched_tokens), 1 + self.num_lookahead_tokens)
+        max_chunk = max(self.max_prefill_chunk, self.long_prefill_chunk)
+        num_fed = max(min(max_chunk, self.max_step_tokens), 1 + self.num_lookahead_tokens)
         return num_fed + self.num_lookahead_tokens
 
 
 @dataclass
 class _PlanInProgress:
     budget: int
+    max_chunk: int  # prompt tokens of one request in this step at most
     scheduled: dict[str, ScheduledSeq] = field(default_factory=dict)
     preempted_ids: list[str] = field(default_factory=list)
 
@@ -142,10 +158,16 @@ class Scheduler:
         return True
 
     def schedule(self) -> StepPlan:
-        plan = _PlanInProgress(self.config.max_num_batched_tokens)
+        config = self.config
         running = sorted(self._running, key=lambda s: s.sort_key)
         decodes = [s for s in running if len(s.all_token_ids) - s.num_computed_tokens == 1]
         prefills = [s for s in running if len(s.all_token_ids) - s.num_computed_tokens > 1]
+        if decodes:
+            plan = _PlanInProgress(config.max_num_batched_tokens, config.max_prefill_chunk)
+        else:  # no decode waits on this step: prefills may take the long chunk
+            plan = _PlanInProgress(
+                config.max_step_tokens, max(config.max_prefill_chunk, config.long_prefill_chunk)
+            )
         for state in decodes + prefills:
             if plan.budget == 0:
                 break
@@ -167,7 +189,7 @@ class Scheduler:
             drafts = state.draft_token_ids[: max(0, max_drafts)]
             num_new = 1 + len(drafts)
         else:
-            num_new = min(num_pending, plan.budget, config.max_prefill_chunk)
+            num_new = min(num_pending, plan.budget, plan.max_chunk)
         is_last = num_new - len(drafts) == num_pending
         num_lookahead = config.num_lookahead_tokens if is_last else 0
         while not self.kv_cache.allocate(state.request_id, state.num_computed_tokens, num_new, num_lookahead):
@@ -191,7 +213,7 @@ class Scheduler:
             self._hash_new_blocks(state)
             num_hit = self.kv_cache.lookup(state.block_hashes, len(state.all_token_ids))
             num_pending = len(state.all_token_ids) - num_hit
-            num_new = min(num_pending, plan.budget, config.max_prefill_chunk)
+            num_new = min(num_pending, plan.budget, plan.max_chunk)
             is_last = num_new == num_pending
             num_lookahead = config.num_lookahead_tokens if is_last else 0
             if not self.kv_cache.allocate(

@@ -130,6 +130,8 @@ def test_a_hung_shard_fails_its_steps_in_bounded_time_and_the_engine_recovers(
             waited = time.monotonic() - started
             errors = [c.error for chunks in out.values() for c in chunks if c.error is not None]
             assert len(errors) == len(PROMPTS) and all("did not answer within 2.0 s" in e for e in errors)
+            failed = [c for chunks in out.values() for c in chunks if c.error is not None]
+            assert all(c.retry_after_s is not None for c in failed)  # transient: a 503, retriable
             assert waited < 60  # one failed step per request at most, not a wait for the shard
         finally:
             os.kill(victim, signal.SIGCONT)

@@ -21,13 +21,13 @@ def test_yaml_overrides_nested_fields(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(
         "attention:\n  num_replicas: 3\n  max_replicas: 3\n"
-        "engine:\n  num_mtp_drafts: 2\n  max_draft_batch: 4\n"
+        "engine:\n  num_mtp_drafts: 2\n  max_draft_batch: 4\n  long_prefill_chunk: 2048\n"
     )
     spec = ClusterSpec.load(path)
     assert spec.attention.num_replicas == 3
     assert spec.engine.num_mtp_drafts == 2
     config = engine_config(spec)  # what every attention replica's engine is built with
-    assert (config.num_mtp_drafts, config.max_draft_batch) == (2, 4)
+    assert (config.num_mtp_drafts, config.max_draft_batch, config.long_prefill_chunk) == (2, 4, 2048)
 
 
 @pytest.mark.parametrize(

@@ -219,6 +219,21 @@ def test_failed_step_ends_its_requests_and_engine_goes_on(monkeypatch: pytest.Mo
     assert [t for c in out["fine"] for t in c.token_ids] == _reference((5, 6, 7))
 
 
+def test_a_step_failed_by_the_expert_path_is_retriable_and_a_bug_is_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Catches lost expert shards reported as a permanent failure (clients would not retry), or a
+    bug in the forward reported as transient (clients would retry it forever)."""
+    from replicas.experts.dispatch import ExpertsUnavailable
+
+    for error, retriable in ((ExpertsUnavailable("shard gone"), True), (RuntimeError("boom"), False)):
+        engine = Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200))
+        engine.add(GenerateRequest("r", [5, 6, 7], _greedy()))
+        monkeypatch.setattr(engine.runner, "execute", lambda *a, e=error: (_ for _ in ()).throw(e))
+        [chunk] = engine.step()
+        assert chunk.finish_reason == "error" and (chunk.retry_after_s is not None) == retriable
+
+
 def test_stop_strings_wait_for_min_tokens() -> None:
     """Catches a stop string ending a request before min_tokens tokens were generated."""
     engine = Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import replicas.engine.online_attention as online_attention_module
 import replicas.engine.paged_attention as paged_attention_module
 from mimo.attention import Attention
 from mimo.config import MiMoConfig
@@ -162,6 +163,7 @@ def test_key_counts_are_bucketed_and_padding_is_masked_zero_slots(window: int | 
         seg = Segment(0, 1, length - 1, table)  # one decode token at position length - 1
         batch = build_batch([seg], block, window, torch.device("cpu"), zero, 1, 1, False)
         (g,) = batch.groups
+        assert g.mask is not None
         visible = g.mask[0, 0, 0, 0] == 0
         keys = g.mask.shape[-1]
         seen = length if window is None else min(length, window + 1)
@@ -219,8 +221,8 @@ def test_banded_prefill_equals_reference(pool: str, monkeypatch: pytest.MonkeyPa
     """Catches a band that misses a visible key (a query block's first keys, a segment whose window
     starts at 0, the sink) or lets in a hidden one: three 130-token chunks in one group, started at
     positions 0, 5 and 40 (their key offsets differ), attended in 32-query blocks on a window-8 SWA
-    pool with and without sinks and on a GA pool, must equal the reference over each whole history,
-    and the unbanded path."""
+    pool with and without sinks, and on a GA pool key block by key block (online softmax, 32 keys
+    and 8 queries a block), must equal the reference over each whole history, and the plain path."""
     config = MiMoConfig.from_hub_dict(random_config_dict(add_swa_attention_sink_bias=pool == "swa_sink"))
     torch.manual_seed(2)
     shape = config.full_attention if pool == "ga" else config.sliding_attention
@@ -235,13 +237,22 @@ def test_banded_prefill_equals_reference(pool: str, monkeypatch: pytest.MonkeyPa
     tables = [list(range(i * 48, (i + 1) * 48)) for i in range(3)]
     xs = [torch.randn(start + fed, config.hidden_size) for start in starts]
     rotary = RotaryEmbedding(config.rotary_dim, shape.rope_theta)
-    calls = []
-    banded = paged_attention_module._banded
-    monkeypatch.setattr(paged_attention_module, "_banded", lambda *a: calls.append(1) or banded(*a))
-    monkeypatch.setattr(paged_attention_module, "BANDED_GA_QUERIES", 32)
+    calls: list[int] = []
+    name = "online_attention" if pool == "ga" else "_banded"
+    blockwise = getattr(paged_attention_module, name)
+
+    def counted(*args: object) -> torch.Tensor:
+        calls.append(1)
+        out: torch.Tensor = blockwise(*args)
+        return out
+
+    monkeypatch.setattr(paged_attention_module, name, counted)
+    monkeypatch.setattr(online_attention_module, "ONLINE_KEYS", 32)
+    monkeypatch.setattr(online_attention_module, "ONLINE_ROWS", 8 * shape.num_q_per_kv)
 
     def run(kv: PagedKV, segs: list[tuple[int, int, int]]) -> torch.Tensor:  # (seq, start, count)
-        segments, x_rows, pos, rows = [], [], [], 0
+        segments, x_rows, rows = [], [], 0
+        pos: list[int] = []
         for i, start, count in segs:
             segments.append(Segment(rows, count, start, tables[i]))
             x_rows.append(xs[i][start : start + count])
@@ -255,6 +266,7 @@ def test_banded_prefill_equals_reference(pool: str, monkeypatch: pytest.MonkeyPa
 
     def step(min_blocks: int) -> torch.Tensor:
         monkeypatch.setattr(paged_attention_module, "BANDED_MIN_BLOCKS", min_blocks)
+        monkeypatch.setattr(paged_attention_module, "ONLINE_MIN_QUERIES", 16 if min_blocks < 10**6 else 10**6)
         kv = PagedKV(
             1, 160, block, shape.num_kv_heads, shape.qk_head_dim, shape.v_head_dim, torch.float32,
             torch.device("cpu"),

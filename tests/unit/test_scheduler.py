@@ -101,8 +101,9 @@ def make(
     chunk: int = 8,
     max_model_len: int = 64,
     lookahead: int = 0,
+    long_chunk: int = 0,
 ) -> Scheduler:
-    config = SchedulerConfig(max_num_seqs, budget, chunk, block_size, max_model_len, lookahead)
+    config = SchedulerConfig(max_num_seqs, budget, chunk, block_size, max_model_len, lookahead, long_chunk)
     return Scheduler(config, KVCacheManager(KVLayout(block_size, num_full, num_swa, window)))
 
 
@@ -168,6 +169,37 @@ def test_decodes_first_then_prefills_then_admission_within_budget() -> None:
     plan = step(scheduler, runner)  # running prefill c before admitting d
     assert [(s.request_id, len(s.token_ids)) for s in plan.scheduled] == [("a", 1), ("b", 1), ("c", 6)]
     assert scheduler.waiting_ids() == ["d"]
+
+
+def test_long_prefill_chunk_only_in_steps_without_decodes() -> None:
+    """Catches a long chunk taken while a decode runs (that decode would wait one long step per
+    token) or never taken when none does: alone, a 30-token prompt runs in chunks of 12 (the long
+    chunk, over the budget of 8); once a decode runs, the next prompt's chunks fall back to 4 and
+    the decode is served every step; when it finishes, the chunks grow again."""
+    scheduler = make(budget=8, chunk=4, long_chunk=12, num_full=32, num_swa=16, max_model_len=128)
+    truths = {"a": truth_of([30] * 30, 0), "b": truth_of([40] * 30, 1)}
+    runner = FakeRunner(scheduler.kv_cache, truths, 0)
+    scheduler.add(request("a", truths["a"][:30], max_tokens=4))
+    shapes: list[list[tuple[str, int]]] = []
+    for _ in range(12):
+        if len(shapes) == 3:
+            scheduler.add(request("b", truths["b"][:30], max_tokens=2))
+        plan = step(scheduler, runner)
+        shapes.append([(s.request_id, len(s.token_ids)) for s in plan.scheduled])
+    assert shapes == [
+        [("a", 12)],
+        [("a", 12)],
+        [("a", 6)],
+        [("a", 1), ("b", 4)],  # a decodes: b's first chunk is short
+        [("a", 1), ("b", 4)],
+        [("a", 1), ("b", 4)],  # a's 4th token ends it
+        [("b", 12)],
+        [("b", 6)],
+        [("b", 1)],
+        [],
+        [],
+        [],
+    ]
 
 
 def test_prefix_hit_skips_tokens_and_reports_cached_count() -> None:
@@ -353,8 +385,9 @@ def scenarios(draw: st.DrawFn) -> dict[str, object]:
     max_num_seqs = draw(st.integers(1, 4))
     budget = draw(st.integers(max(max_num_seqs, 1 + lookahead), 12))
     chunk = draw(st.integers(1, 10))
+    long_chunk = draw(st.sampled_from([0, 0, chunk + 1, 16]))
     max_model_len = draw(st.integers(8, 40))
-    config = SchedulerConfig(max_num_seqs, budget, chunk, block_size, max_model_len, lookahead)
+    config = SchedulerConfig(max_num_seqs, budget, chunk, block_size, max_model_len, lookahead, long_chunk)
     num_full = -(-(max_model_len + lookahead) // block_size) + draw(st.integers(0, 6))
     num_swa = swa_blocks_per_seq(window, block_size, config.max_step_positions_per_seq) + draw(
         st.integers(0, 4)
@@ -414,7 +447,12 @@ def test_random_runs_match_full_recompute(scenario: dict[str, object]) -> None:
             if seq.draft_token_ids:
                 event("drafts fed")
             assert sum(b is not None for b in seq.block_table_swa) <= swa_bound
-        assert plan.num_scheduled_tokens <= config.max_num_batched_tokens
+        assert plan.num_scheduled_tokens <= config.max_step_tokens
+        if any(not seq.is_prefill_chunk for seq in plan.scheduled):  # a decode: the short budget
+            assert plan.num_scheduled_tokens <= config.max_num_batched_tokens
+            assert all(
+                len(s.token_ids) <= config.max_prefill_chunk for s in plan.scheduled if s.is_prefill_chunk
+            )
         assert len(scheduler.running_ids()) <= config.max_num_seqs
         for update in scheduler.update(plan, runner.run(plan)):
             updates.setdefault(update.request_id, []).append(update)
