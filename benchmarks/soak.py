@@ -1,10 +1,14 @@
 """Soak: concurrent streaming clients with random cancellations against a running cluster.
 
-Every request must end one way or another: read to its finish reason, or cancelled by the client
-on purpose; anything else (an error, a stream cut without a finish reason) is a lost request.
-`python -m benchmarks.soak` starts a local cluster (the default spec), soaks it for --duration-s,
-checks KV usage returns to zero and attention-replica memory stays flat, and writes
-`benchmarks/results/soak.json`. tests/integration/test_soak.py runs the same code for 20 s.
+Every request must end one way or another: read to its finish reason, cancelled by the client on
+purpose, or refused retriably (a 429/503 with Retry-After, or an error event that says to retry:
+what a fault in flight may cause); anything else (another error, a stream cut without a finish
+reason) is a lost request. `python -m benchmarks.soak` starts a local cluster (the default spec
+with a smaller KV cache), soaks it for --duration-s, with `--fault-every-s` SIGKILLs an expert
+shard and an attention replica in turn, samples replica RSS and KV usage every 30 s, checks KV
+usage returns to zero and attention-replica memory stays flat, and writes
+`benchmarks/results/soak.json` with the commit and spec. tests/integration/test_soak.py runs the
+same code for 20 s.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import atexit
 import json
 import os
 import random
+import signal
 import threading
 import time
 import urllib.request
@@ -21,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import openai
+
+from benchmarks.provenance import provenance
 
 WORDS = ["river", "stone", "cloud", "lantern", "garden", "window", "engine", "paper", "violin", "harbor"]
 
@@ -31,6 +38,7 @@ class SoakResult:
     num_clients: int
     completed: int = 0
     cancelled: int = 0
+    retriable: int = 0  # refused or ended with a retriable error (a fault in flight)
     lost: list[str] = field(default_factory=list)  # what happened to each lost request
     output_tokens: int = 0
 
@@ -62,14 +70,21 @@ def _client_loop(
                     tokens = chunk.usage.completion_tokens
                 if chunk.choices and chunk.choices[0].finish_reason in ("stop", "length"):
                     outcome = "completed"
-        except openai.APIError as e:
-            outcome = f"error: {type(e).__name__}: {str(e)[:120]}"
+        except openai.APIStatusError as e:
+            retriable = e.status_code in (429, 503) and "retry-after" in e.response.headers
+            outcome = "retriable" if retriable else f"error: {type(e).__name__}: {str(e)[:120]}"
+        except openai.APIError as e:  # an error event inside the stream
+            outcome = (
+                "retriable" if "retry the request" in str(e) else f"error: {type(e).__name__}: {str(e)[:120]}"
+            )
         with lock:
             if outcome == "completed":
                 result.completed += 1
                 result.output_tokens += tokens
             elif outcome == "cancelled":
                 result.cancelled += 1
+            elif outcome == "retriable":
+                result.retriable += 1
             else:
                 result.lost.append(outcome)
 
@@ -135,10 +150,41 @@ def attention_pids() -> list[int]:
     return sorted(pids)
 
 
+def expert_shard_pids() -> list[int]:
+    from ray import serve
+
+    update = serve.get_deployment_handle("ExpertPool", "mimo").current.remote().result(timeout_s=60)
+    import ray
+
+    return [int(ray.get(a.pid.remote(), timeout=60)) for a in update.actors]
+
+
+def inject_faults(every_s: float, keep: int, done: threading.Event, log: list[dict[str, object]]) -> None:
+    """Every `every_s`: SIGKILL an expert shard, then an attention replica (never `keep`, the one
+    whose memory the soak follows), in turn."""
+    kinds = ["expert_shard", "attention_replica"]
+    n = 0
+    while not done.wait(every_s):
+        kind = kinds[n % 2]
+        n += 1
+        try:
+            pids = expert_shard_pids() if kind == "expert_shard" else attention_pids()
+            victims = [p for p in pids if p != keep]
+            pid = victims[n % len(victims)]
+            os.kill(pid, signal.SIGKILL)
+            log.append({"at_s": round(time.monotonic() - START, 1), "fault": f"SIGKILL {kind}", "pid": pid})
+        except Exception as e:  # noted, the soak goes on
+            log.append({"at_s": round(time.monotonic() - START, 1), "fault": kind, "failed": repr(e)[:200]})
+
+
+START = time.monotonic()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration-s", type=float, default=600)
     parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--fault-every-s", type=float, default=0.0, help="0: no faults")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "soak.json")
     args = parser.parse_args()
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -175,19 +221,32 @@ def main() -> None:
         soak(url, 30, args.clients)  # warm-up: allocator and caches reach their working size
         rss_start = {p: rss_bytes(p) for p in pids}
         series: list[list[float]] = []  # RSS MiB per replica, every 30 s: flat, or still climbing?
+        kv_series: list[list[float]] = []  # KV usage of every replica and pool, every 30 s
+        faults: list[dict[str, object]] = []
         done = threading.Event()
 
         def sample() -> None:
             while not done.wait(30):
-                series.append([round(rss_bytes(p) / 2**20, 1) for p in pids])
+                alive = [p for p in pids if Path(f"/proc/{p}").exists()]  # a killed replica drops out
+                series.append([round(rss_bytes(p) / 2**20, 1) for p in alive])
+                kv_series.append(node_metrics(ports).get("ray_mimo_kv_cache_usage_perc", []))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        if args.fault_every_s > 0:
+            threading.Thread(
+                target=inject_faults, args=(args.fault_every_s, pids[-1], done, faults), daemon=True
+            ).start()
         result = soak(url, args.duration_s, args.clients, seed=1000)
         done.set()
-        rss_end = {p: rss_bytes(p) for p in pids}
+        alive = [p for p in pids if Path(f"/proc/{p}").exists()]
+        rss_end = {p: rss_bytes(p) for p in alive}
         metrics = settled_metrics(ports)
         record = {
+            "source": provenance(),
+            "spec": spec.model_dump(mode="json", exclude_defaults=True),
+            "faults": faults,
+            "kv_usage_every_30s": kv_series,
             **asdict(result),
             "kv_usage_after": metrics.get("ray_mimo_kv_cache_usage_perc", []),
             "running_after": metrics.get("ray_mimo_num_requests_running", []),
