@@ -77,6 +77,9 @@ class BodyLimit:
             if buffered is not None:
                 message, buffered = buffered, None
                 return message
-            return await receive()
+            try:
+                return await receive()
+            except Exception:  # the server lost the client (Serve cancels the call): a disconnect,
+                return {"type": "http.disconnect"}  # not an error of the request being answered
 
         await self.app(scope, replay, send)
