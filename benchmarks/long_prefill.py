@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import replicas.engine.paged_attention as paged_attention  # noqa: E402
+import replicas.engine.attention_batch as attention_batch  # noqa: E402
 from cluster.spec import EMBEDDED_MODEL  # noqa: E402
 from mimo.tokenizer import Tokenizer  # noqa: E402
 from mimo.weights import load_model  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.ga == "plain":
-        paged_attention.ONLINE_MIN_QUERIES = 10**9
+        attention_batch.ONLINE_MIN_QUERIES = 10**9
     model = load_model(EMBEDDED_MODEL)
     tokenizer = Tokenizer.from_dir(EMBEDDED_MODEL)
     config = EngineConfig(

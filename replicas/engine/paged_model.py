@@ -20,15 +20,9 @@ from mimo.layers import DenseMLP, RotaryEmbedding
 from mimo.linear import Linear
 from mimo.model import DecoderLayer, MiMoForCausalLM, MTPBlock
 from mimo.moe import Experts, MoE
+from replicas.engine.attention_batch import AttentionBatch, Segment, build_batch, narrow_queries
 from replicas.engine.fused_weights import FusedAttention, FusedMLP, RopeTable
-from replicas.engine.paged_attention import (
-    AttentionBatch,
-    PagedKV,
-    Segment,
-    build_batch,
-    narrow_queries,
-    paged_attention,
-)
+from replicas.engine.paged_attention import PagedKV, paged_attention
 from replicas.experts.dispatch import ExpertDispatcher, Pending
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [N, 1, rotary_dim] (or [N, rotary_dim])

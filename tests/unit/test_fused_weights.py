@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+import replicas.engine.attention_batch as attention_batch_module
 import replicas.engine.online_attention as online_attention_module
 import replicas.engine.paged_attention as paged_attention_module
 from mimo.attention import Attention
 from mimo.config import MiMoConfig
 from mimo.layers import RotaryEmbedding
+from replicas.engine.attention_batch import Segment, build_batch, narrow_queries
 from replicas.engine.fused_weights import FusedAttention, RopeTable
-from replicas.engine.paged_attention import PagedKV, Segment, build_batch, narrow_queries, paged_attention
+from replicas.engine.paged_attention import PagedKV, paged_attention
 from tests.factory import random_config_dict
 
 
@@ -157,7 +159,7 @@ def test_key_counts_are_bucketed_and_padding_is_masked_zero_slots(window: int | 
     a window pool padded beyond what its window can show, or padding keys that are visible or read
     a live slot: key counts are multiples of KEY_BUCKET (or the window's cap) and padding is masked."""
     block, zero = 4, 64
-    bucket = paged_attention_module.KEY_BUCKET
+    bucket = attention_batch_module.KEY_BUCKET
     for length in range(1, 40):
         table: list[int | None] = list(range((length + block - 1) // block))
         seg = Segment(0, 1, length - 1, table)  # one decode token at position length - 1
@@ -265,8 +267,8 @@ def test_banded_prefill_equals_reference(pool: str, monkeypatch: pytest.MonkeyPa
         return paged_attention(q, kv_new, kv.kv[0], batch, fused.sink)
 
     def step(min_blocks: int) -> torch.Tensor:
-        monkeypatch.setattr(paged_attention_module, "BANDED_MIN_BLOCKS", min_blocks)
-        monkeypatch.setattr(paged_attention_module, "ONLINE_MIN_QUERIES", 16 if min_blocks < 10**6 else 10**6)
+        monkeypatch.setattr(attention_batch_module, "BANDED_MIN_BLOCKS", min_blocks)
+        monkeypatch.setattr(attention_batch_module, "ONLINE_MIN_QUERIES", 16 if min_blocks < 10**6 else 10**6)
         kv = PagedKV(
             1, 160, block, shape.num_kv_heads, shape.qk_head_dim, shape.v_head_dim, torch.float32,
             torch.device("cpu"),

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+import replicas.engine.attention_batch as attention_batch
 import replicas.engine.online_attention as online_module
 import replicas.engine.paged_attention as paged_module
 from cluster.spec import EMBEDDED_MODEL
@@ -92,7 +93,7 @@ def test_tiny_model_long_prompt_greedy_tokens_equal_plain_attention(monkeypatch:
     monkeypatch.setattr(paged_module, "online_attention", counted)
     blockwise = _greedy(prompt, 12)
     assert len(calls) == 2 * 6  # 2 GA layers x 6 chunks; decode steps attend whole
-    monkeypatch.setattr(paged_module, "ONLINE_MIN_QUERIES", 10**9)
+    monkeypatch.setattr(attention_batch, "ONLINE_MIN_QUERIES", 10**9)
     plain = _greedy(prompt, 12)
     assert len(calls) == 2 * 6
     assert blockwise == plain
