@@ -25,13 +25,17 @@ class _Step:
 
 
 class StepRates:
+    """Running sums over the window: a step costs O(1) (steps leaving the window are subtracted)."""
+
     def __init__(self, window_s: float = 10.0) -> None:
         if window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {window_s}")
         self.window_s = window_s
         self._steps: deque[_Step] = deque()
-        self._step_s: float | None = None
-        self._prefill_tokens_per_s: float | None = None
+        self._duration_s = 0.0  # of the steps in the window
+        self._prefill_tokens = 0  # of the steps in the window that carried prefill
+        self._prefill_s = 0.0
+        self._prefill_tokens_per_s: float | None = None  # the last window that held a prefill
 
     def record(self, ended_at: float, duration_s: float, prefill_tokens: int) -> None:
         """One engine step that took `duration_s` and computed `prefill_tokens` prompt tokens."""
@@ -39,18 +43,25 @@ class StepRates:
             raise ValueError(
                 f"a step needs duration >= 0 and prefill tokens >= 0, got {duration_s}, {prefill_tokens}"
             )
-        self._steps.append(_Step(ended_at, duration_s, prefill_tokens))
-        while self._steps and self._steps[0].ended_at < ended_at - self.window_s:
+        self._add(_Step(ended_at, duration_s, prefill_tokens), 1)
+        while self._steps[0].ended_at < ended_at - self.window_s:
+            self._add(self._steps[0], -1)
+        if self._prefill_tokens > 0 and self._prefill_s > 0:  # not float residue of emptied sums
+            self._prefill_tokens_per_s = self._prefill_tokens / self._prefill_s
+
+    def _add(self, step: _Step, sign: int) -> None:
+        if sign > 0:
+            self._steps.append(step)
+        else:
             self._steps.popleft()
-        self._step_s = sum(s.duration_s for s in self._steps) / len(self._steps)
-        prefill_steps = [s for s in self._steps if s.prefill_tokens > 0]
-        prefill_time = sum(s.duration_s for s in prefill_steps)
-        if prefill_time > 0:
-            self._prefill_tokens_per_s = sum(s.prefill_tokens for s in prefill_steps) / prefill_time
+        self._duration_s += sign * step.duration_s
+        if step.prefill_tokens:
+            self._prefill_tokens += sign * step.prefill_tokens
+            self._prefill_s += sign * step.duration_s
 
     @property
     def step_s(self) -> float | None:
-        return self._step_s
+        return self._duration_s / len(self._steps) if self._steps else None
 
     @property
     def prefill_tokens_per_s(self) -> float | None:
