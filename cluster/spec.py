@@ -131,8 +131,12 @@ class ExpertsSpec(_Spec):
 
     num_shards: int = Field(2, ge=1, description="expert shard actors")
     num_redundant: int = Field(0, ge=0, description="extra copies of hot experts (EPLB)")
-    transport: Literal["local", "ray"] = Field(
-        "ray", description="local: experts inside each attention replica; ray: shared shard actors"
+    transport: Literal["local", "ray", "channel"] = Field(
+        "channel",
+        description="channel: shared shard actors, reached from replicas on their node over a "
+        "shared-memory channel (tens of microseconds per call) and over Ray actor calls from other "
+        "nodes; ray: shared shard actors over Ray actor calls only (about a millisecond per call); "
+        "local: experts inside each attention replica (no shard processes)",
     )
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per shard")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per shard; > 0 holds its experts on CUDA")
@@ -160,6 +164,11 @@ class ExpertsSpec(_Spec):
     eplb_min_gain: float = Field(
         0.05, ge=0, le=1, description="least balancedness (mean/max) improvement worth a move"
     )
+
+    @property
+    def has_shard_actors(self) -> bool:
+        """The experts live in shard actors (an expert pool), not inside attention replicas."""
+        return self.transport != "local"
 
 
 class RouterSpec(_Spec):

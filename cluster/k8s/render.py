@@ -73,7 +73,7 @@ def rayservice(spec: ClusterSpec) -> Obj:
             (spec.attention.num_replicas, spec.attention.min_replicas, spec.attention.max_replicas),
         ),
     ]
-    if spec.experts.transport == "ray":
+    if spec.experts.has_shard_actors:
         n = spec.experts.num_shards  # the pool's size is fixed by the spec, so min = max
         workers.append(_worker_group(spec, "expert", k.expert_cpu, k.expert_memory, k.expert_gpus, (n, n, n)))
     cluster: Obj = {
@@ -288,7 +288,7 @@ def _network_policy(spec: ClusterSpec) -> Obj:
 
 def _disruption_budgets(spec: ClusterSpec) -> list[Obj]:
     """At most one attention pod and one expert pod drained at a time."""
-    roles = ["attention"] + (["expert"] if spec.experts.transport == "ray" else [])
+    roles = ["attention"] + (["expert"] if spec.experts.has_shard_actors else [])
     budgets = []
     for role in roles:
         obj = _meta_obj("policy/v1", "PodDisruptionBudget", f"mimo-{role}", spec.kubernetes.namespace)

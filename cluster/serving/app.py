@@ -69,7 +69,7 @@ def check_engine_fits(spec: ClusterSpec) -> None:
 
 def required_cpus(spec: ClusterSpec) -> float:
     """Logical CPUs the application reserves (a private local cluster is started with at least this)."""
-    num_shards = spec.experts.num_shards if spec.experts.transport == "ray" else 0
+    num_shards = spec.experts.num_shards if spec.experts.has_shard_actors else 0
     return spec.attention.max_replicas * spec.attention.num_cpus + num_shards * spec.experts.num_cpus
 
 
@@ -81,7 +81,7 @@ def fit_to_machine(spec: ClusterSpec, num_cpus: float) -> ClusterSpec:
     a = spec.attention
     if "max_replicas" in a.model_fields_set or a.num_cpus <= 0:
         return spec
-    num_shards = spec.experts.num_shards if spec.experts.transport == "ray" else 0
+    num_shards = spec.experts.num_shards if spec.experts.has_shard_actors else 0
     room = num_cpus - num_shards * spec.experts.num_cpus
     fits = max(a.num_replicas, int(room // a.num_cpus))
     if fits >= a.max_replicas:
@@ -93,7 +93,7 @@ def build_application(spec: ClusterSpec, request_router: RequestRouterConfig | N
     """`request_router` replaces the router the spec describes (benchmarks plug peers' routers in)."""
     check_engine_fits(spec)
     pool = None
-    if spec.experts.transport == "ray":
+    if spec.experts.has_shard_actors:
         pool = serve.deployment(name="ExpertPool", num_replicas=1, ray_actor_options={"num_cpus": 0})(
             ExpertPoolDeployment
         ).bind(spec)

@@ -1,5 +1,6 @@
 """The `Attention` Serve deployment: one data-parallel attention replica with its own engine and KV
-cache, experts reached through the shared pool's shard actors. It streams chunks to the gateway,
+cache, experts reached through the shared pool's shard actors (over the same-node channel or Ray
+actor calls, `spec.experts.transport`). It streams chunks to the gateway,
 publishes its prefix-cache report for the router, its load for the autoscaler, and its metrics."""
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class AttentionDeployment:
         from replicas.experts.dispatch import ExpertDispatcher
         from replicas.experts.placement_switch import ReplicaSwitch
         from replicas.experts.timed_transport import TimedTransport
+        from replicas.experts.transport_channel import ChannelTransport
         from replicas.experts.transport_ray import RayTransport
         from router.report import ReplicaReportBuilder
 
@@ -75,12 +77,17 @@ class AttentionDeployment:
         dispatcher = None
         if pool is not None:
             start: PlacementUpdate = await pool.current.remote()
-            ray_transport = RayTransport(start.actors, self.spec.experts.call_timeout_s)
-            self.transport = TimedTransport(ray_transport)
+            x = self.spec.experts
+            shard_transport = (
+                ChannelTransport(start.actors, x.call_timeout_s)
+                if x.transport == "channel"
+                else RayTransport(start.actors, x.call_timeout_s)
+            )
+            self.transport = TimedTransport(shard_transport)
             dispatcher = ExpertDispatcher(
                 self.transport, start.placement, start.num_experts, ping_pong=self.spec.experts.ping_pong
             )
-            self.switch = ReplicaSwitch(ray_transport, dispatcher, start.version)
+            self.switch = ReplicaSwitch(shard_transport, dispatcher, start.version)
         tokenizer = Tokenizer.from_dir(self.spec.model.path)
         engine = Engine(model, tokenizer, engine_config(self.spec), dispatcher)
         self.engine = AsyncEngine(engine, self.spec.engine.stream_interval_ms / 1000)
@@ -157,7 +164,7 @@ class AttentionDeployment:
             )
             self.metrics.preempted(snap.num_preemptions - last.num_preemptions)
             for seconds in self.transport.drain_durations() if self.transport else []:
-                self.metrics.dispatch(seconds, "ray")
+                self.metrics.dispatch(seconds, self.spec.experts.transport)
             self._recorded = snap
             await self._sync_placement()
             await asyncio.sleep(REPORT_PERIOD_S)

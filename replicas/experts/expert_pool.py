@@ -25,10 +25,12 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mimo.device import device_for_gpus
+from replicas.experts.channel_server import ChannelAddress, ChannelServer
 from replicas.experts.cpu_policy import run_as_batch_worker
 from replicas.experts.dispatch import ExpertDispatcher
 from replicas.experts.expert_placement import ExpertKey, ExpertPlacement
 from replicas.experts.expert_shard import ExpertShard, ShardStats
+from replicas.experts.transport_channel import ChannelTransport
 from replicas.experts.transport_ray import DEFAULT_CALL_TIMEOUT_S, RayTransport
 from replicas.experts.wire import unpack
 
@@ -49,6 +51,7 @@ class ExpertShardActor:
         # calls from several attention replicas (or two ping-pong micro-batches) arrive on the
         # actor's threads: one compute at a time keeps the shard's load counters exact
         self.lock = threading.Lock()
+        self.channel: ChannelServer | None = None
 
     def compute_packed(self, layer: int, payload: np.ndarray) -> np.ndarray:
         """payload [R, H + 2k] fp32 (`wire.pack`) -> partial output [R, H] fp32."""
@@ -58,6 +61,20 @@ class ExpertShardActor:
             out = self.shard.compute(layer, x, ids, weights)
         result: np.ndarray = out.float().cpu().numpy()
         return result
+
+    def open_channel(self) -> ChannelAddress:
+        """This shard's same-node channel (`channel_server.py`), started on first use."""
+        if self.channel is None:
+            config = self.shard.config
+            self.channel = ChannelServer(self._compute_rows, config.hidden_size, config.num_experts_per_tok)
+        return ChannelAddress(self.node_id(), self.channel.path)
+
+    def _compute_rows(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        with self.lock:
+            out = self.shard.compute(layer, x.to(self.device), ids.to(self.device), weights.to(self.device))
+        return out.float().cpu()
 
     def keys(self) -> list[ExpertKey]:
         return self.shard.keys
@@ -130,6 +147,10 @@ class ExpertPool:
 
     def transport(self, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> RayTransport:
         return RayTransport(self.actors, call_timeout_s)
+
+    def channel_transport(self, call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> ChannelTransport:
+        """Same-node shards over their channel, the others over Ray (`transport_channel.py`)."""
+        return ChannelTransport(self.actors, call_timeout_s)
 
     def move_to(self, placement: ExpertPlacement, dispatchers: list[ExpertDispatcher]) -> int:
         """Moves the pool to `placement` while traffic runs, with dispatchers in this process (the

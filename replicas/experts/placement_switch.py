@@ -20,6 +20,7 @@ from typing import Any
 
 from replicas.experts.dispatch import ExpertDispatcher
 from replicas.experts.expert_placement import ExpertPlacement
+from replicas.experts.transport_channel import ChannelTransport
 from replicas.experts.transport_ray import RayTransport
 
 
@@ -47,7 +48,9 @@ def finalize_calls(actors: Sequence[Any], placement: ExpertPlacement) -> list[An
 class ReplicaSwitch:
     """Step 2 for one attention replica: its transport and dispatcher, and the version it routes by."""
 
-    def __init__(self, transport: RayTransport, dispatcher: ExpertDispatcher, version: int) -> None:
+    def __init__(
+        self, transport: RayTransport | ChannelTransport, dispatcher: ExpertDispatcher, version: int
+    ) -> None:
         self.transport = transport
         self.dispatcher = dispatcher
         self.version = version

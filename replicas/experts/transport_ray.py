@@ -28,18 +28,18 @@ class RayTransport(ExpertTransport):
     is_async = True  # actor calls return futures; shards compute while the caller runs on
 
     def __init__(self, actors: Sequence[Any], call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> None:
-        self._actors = list(actors)
+        self.actors = list(actors)
         self.call_timeout_s = call_timeout_s
 
     def use_actors(self, actors: Sequence[Any]) -> None:
         """The pool's new shard list (a placement switch): grows before the table that uses new
         shards; ids past the new list keep their old handles, which no new table names (a call in
         flight may still)."""
-        self._actors = list(actors) + self._actors[len(actors) :]
+        self.actors = list(actors) + self.actors[len(actors) :]
 
     def send(self, layer: int, messages: list[ShardMessage]) -> object:
         return [
-            self._actors[m.shard].compute_packed.remote(layer, pack(m.x, m.expert_ids, m.weights).numpy())
+            self.actors[m.shard].compute_packed.remote(layer, pack(m.x, m.expert_ids, m.weights).numpy())
             for m in messages
         ]
 

@@ -1,5 +1,7 @@
 """Experts on Ray actors across two raylets: greedy outputs through 2 and 4 expert shards equal the
-single-process engine's, and a shard killed mid-generation loses no request and no token."""
+single-process engine's, and a shard killed mid-generation loses no request and no token, over both
+served transports: Ray actor calls, and the same-node channel (`transport_channel.py`; the driver's
+node's shards over the channel, the other raylet's over Ray)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from replicas.engine.engine_config import EngineConfig
 from replicas.experts.dispatch import ExpertDispatcher
 from replicas.experts.expert_placement import initial_placement
 from replicas.experts.expert_pool import ExpertPool, ShardResources
+from replicas.experts.transport_channel import ChannelTransport
+from replicas.experts.transport_ray import RayTransport
 from tests.factory import random_config_dict, write_random_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -48,12 +52,20 @@ def _engine(path: Path, dispatcher: ExpertDispatcher | None) -> Engine:
 
 
 PROMPTS = [[5, 6, 7], list(range(10, 50)), [9] * 17, list(range(100, 130))]
+TRANSPORTS = ["ray", "channel"]
 
 
+def _transport(pool: ExpertPool, kind: str, call_timeout_s: float = 120.0) -> RayTransport | ChannelTransport:
+    return pool.transport(call_timeout_s) if kind == "ray" else pool.channel_transport(call_timeout_s)
+
+
+@pytest.mark.parametrize("kind", TRANSPORTS)
 @pytest.mark.parametrize("num_shards", [2, 4])
-def test_ray_shards_match_single_process(ray_cluster: object, checkpoint: Path, num_shards: int) -> None:
-    """Catches any difference the Ray transport or a shard split introduces (routing, packed numpy
-    payloads), with and without ping-pong micro-batches (two calls in flight per shard)."""
+def test_ray_shards_match_single_process(
+    ray_cluster: object, checkpoint: Path, num_shards: int, kind: str
+) -> None:
+    """Catches any difference a transport or a shard split introduces (routing, packed payloads,
+    shared buffers), with and without ping-pong micro-batches (two calls in flight per shard)."""
     expected = _outputs(_engine(checkpoint, None), PROMPTS)
     placement = initial_placement(list(range(1, 7)), 16, num_shards)
     pool = ExpertPool.start(checkpoint, placement, ShardResources(num_cpus=0.5))
@@ -62,26 +74,36 @@ def test_ray_shards_match_single_process(ray_cluster: object, checkpoint: Path, 
             {ray.get(a.node_id.remote()) for a in pool.actors} if hasattr(pool.actors[0], "node_id") else None
         )
         for ping_pong in (False, True):
-            dispatcher = ExpertDispatcher(pool.transport(), placement, 16, ping_pong=ping_pong)
+            transport = _transport(pool, kind)
+            dispatcher = ExpertDispatcher(transport, placement, 16, ping_pong=ping_pong)
             assert _outputs(_engine(checkpoint, dispatcher), PROMPTS) == expected
+            if isinstance(transport, ChannelTransport):  # both paths ran: this node's and the other's
+                assert transport.num_channel_calls > 0 and transport.num_ray_calls > 0
         assert len(nodes) == 2  # SPREAD put shards on both raylets
     finally:
         pool.shutdown()
 
 
-def test_killed_shard_is_restarted_and_no_request_is_lost(ray_cluster: object, checkpoint: Path) -> None:
-    """Catches a dead expert process failing requests instead of being restarted and retried."""
+@pytest.mark.parametrize("kind", TRANSPORTS)
+def test_killed_shard_is_restarted_and_no_request_is_lost(
+    ray_cluster: object, checkpoint: Path, kind: str
+) -> None:
+    """Catches a dead expert process failing requests instead of being restarted and retried (over
+    the channel: the lost call is sent again over Ray, which waits for the restart)."""
     expected = _outputs(_engine(checkpoint, None), PROMPTS)
     placement = initial_placement(list(range(1, 7)), 16, 2)
     pool = ExpertPool.start(checkpoint, placement, ShardResources(num_cpus=0.5))
     try:
-        victim = ray.get(pool.actors[1].pid.remote())
-        engine = _engine(checkpoint, ExpertDispatcher(pool.transport(), placement, 16))
+        here = ray.get_runtime_context().get_node_id()
+        nodes = ray.get([a.node_id.remote() for a in pool.actors])
+        shard = nodes.index(here) if kind == "channel" else 1  # the shard the channel reaches
+        victim = ray.get(pool.actors[shard].pid.remote())
+        engine = _engine(checkpoint, ExpertDispatcher(_transport(pool, kind), placement, 16))
         killer = threading.Timer(0.3, lambda: os.kill(victim, signal.SIGKILL))
         killer.start()
         assert _outputs(engine, PROMPTS * 3) == expected * 3
         killer.join()
-        assert ray.get(pool.actors[1].pid.remote()) != victim  # it really died and came back
+        assert ray.get(pool.actors[shard].pid.remote()) != victim  # it really died and came back
     finally:
         pool.shutdown()
 
@@ -109,8 +131,9 @@ def test_two_attention_replicas_share_one_pool(ray_cluster: object, checkpoint: 
         pool.shutdown()
 
 
+@pytest.mark.parametrize("kind", TRANSPORTS)
 def test_a_hung_shard_fails_its_steps_in_bounded_time_and_the_engine_recovers(
-    ray_cluster: object, checkpoint: Path
+    ray_cluster: object, checkpoint: Path, kind: str
 ) -> None:
     """Catches a stopped (hung, not dead) expert process making every request wait forever: with
     the shard SIGSTOPped, each request ends with an error within the call timeout; after SIGCONT the
@@ -119,8 +142,11 @@ def test_a_hung_shard_fails_its_steps_in_bounded_time_and_the_engine_recovers(
     placement = initial_placement(list(range(1, 7)), 16, 2)
     pool = ExpertPool.start(checkpoint, placement, ShardResources(num_cpus=0.5))
     try:
-        victim = ray.get(pool.actors[1].pid.remote())
-        engine = _engine(checkpoint, ExpertDispatcher(pool.transport(call_timeout_s=2.0), placement, 16))
+        here = ray.get_runtime_context().get_node_id()
+        nodes = ray.get([a.node_id.remote() for a in pool.actors])
+        shard = nodes.index(here) if kind == "channel" else 1
+        victim = ray.get(pool.actors[shard].pid.remote())
+        engine = _engine(checkpoint, ExpertDispatcher(_transport(pool, kind, 2.0), placement, 16))
         assert _outputs(engine, PROMPTS) == expected
         os.kill(victim, signal.SIGSTOP)
         try:
@@ -136,6 +162,6 @@ def test_a_hung_shard_fails_its_steps_in_bounded_time_and_the_engine_recovers(
         finally:
             os.kill(victim, signal.SIGCONT)
         assert _outputs(engine, PROMPTS) == expected
-        assert ray.get(pool.actors[1].pid.remote()) == victim  # the same process, resumed
+        assert ray.get(pool.actors[shard].pid.remote()) == victim  # the same process, resumed
     finally:
         pool.shutdown()
