@@ -57,7 +57,7 @@ class ShardChannelLost(ConnectionError):
     """The shard's end of the channel closed (its process died)."""
 
 
-class _Channel:
+class ShardChannel:
     """One connection to one shard, with its two shared buffers."""
 
     def __init__(self, path: str, call_timeout_s: float) -> None:
@@ -123,7 +123,7 @@ class ChannelTransport(ExpertTransport):
         self.ray = RayTransport(actors, call_timeout_s)
         self.call_timeout_s = call_timeout_s
         self.node_id = str(ray.get_runtime_context().get_node_id())
-        self._channels: dict[int, _Channel | None] = {}  # None: the shard is on another node
+        self._channels: dict[int, ShardChannel | None] = {}  # None: the shard is on another node
         self._retry_at: dict[int, float] = {}  # shard -> when to try connecting again
         self.num_channel_calls = 0
         self.num_ray_calls = 0
@@ -141,7 +141,7 @@ class ChannelTransport(ExpertTransport):
         if channel is not None:
             channel.close()
 
-    def _channel(self, shard: int) -> _Channel | None:
+    def _channel(self, shard: int) -> ShardChannel | None:
         if shard in self._channels:
             return self._channels[shard]
         if time.monotonic() < self._retry_at.get(shard, 0.0):
@@ -150,7 +150,9 @@ class ChannelTransport(ExpertTransport):
             address: ChannelAddress = ray.get(
                 self.ray.actors[shard].open_channel.remote(), timeout=CONNECT_TIMEOUT_S
             )
-            channel = _Channel(address.path, self.call_timeout_s) if address.node_id == self.node_id else None
+            channel = (
+                ShardChannel(address.path, self.call_timeout_s) if address.node_id == self.node_id else None
+            )
         except (ray.exceptions.RayError, OSError):  # restarting, or its socket is gone: Ray for now
             self._retry_at[shard] = time.monotonic() + RECONNECT_AFTER_S
             return None
@@ -158,7 +160,7 @@ class ChannelTransport(ExpertTransport):
         return channel
 
     def send(self, layer: int, messages: list[ShardMessage]) -> object:
-        calls: list[tuple[ShardMessage, _Channel | None, object]] = []
+        calls: list[tuple[ShardMessage, ShardChannel | None, object]] = []
         for m in messages:
             channel = self._channel(m.shard)
             if channel is not None and channel.rows is None:
@@ -189,7 +191,9 @@ class ChannelTransport(ExpertTransport):
             raise failure
         return out
 
-    def _collect(self, layer: int, m: ShardMessage, channel: _Channel | None, ref: object) -> torch.Tensor:
+    def _collect(
+        self, layer: int, m: ShardMessage, channel: ShardChannel | None, ref: object
+    ) -> torch.Tensor:
         if channel is None:
             return self.ray.wait(ref)[0]
         try:
