@@ -1,5 +1,6 @@
-"""Expert dispatch cost per MoE layer and decode throughput: in-process vs Ray vs collective (gloo),
-with ping-pong micro-batches off and on.
+"""Expert dispatch cost per MoE layer and decode throughput: in-process vs Ray vs collective (gloo)
+vs the same-node channel (the served default), with ping-pong micro-batches off and on, and a raw
+echo over the channel (shards that copy their input rows back, no experts) as its floor.
 
 A random checkpoint with the tiny model's MoE shape (hidden 256, 16 experts top-4, width 96) is
 written once; for 1, 2 and 4 shards each transport runs one MoE layer on 8 decode rows (median µs
@@ -30,6 +31,7 @@ from typing import Any
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ["RAY_ENABLE_ZERO_COPY_TORCH_TENSORS"] = "1"
+os.environ["RAY_AUTH_MODE"] = "token"  # as `mimo serve` runs Ray
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once when torch loads OpenMP
 
 import torch
@@ -37,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.provenance import provenance  # noqa: E402
 from mimo.config import MiMoConfig  # noqa: E402
 from mimo.moe import MoE  # noqa: E402
 from mimo.tokenizer import Tokenizer  # noqa: E402
@@ -45,9 +48,11 @@ from protocol.messages import GenerateRequest  # noqa: E402
 from protocol.sampling import SamplingParams  # noqa: E402
 from replicas.engine.engine import Engine  # noqa: E402
 from replicas.engine.engine_config import EngineConfig  # noqa: E402
+from replicas.experts.channel_server import ChannelServer  # noqa: E402
 from replicas.experts.dispatch import ExpertDispatcher, ExpertTransport  # noqa: E402
 from replicas.experts.expert_placement import ExpertKey, initial_placement  # noqa: E402
 from replicas.experts.expert_shard import ExpertShard  # noqa: E402
+from replicas.experts.transport_channel import ShardChannel  # noqa: E402
 from replicas.experts.transport_collective import CollectiveTransport, init_group, serve_shard  # noqa: E402
 from replicas.experts.transport_local import InProcessTransport  # noqa: E402
 
@@ -95,18 +100,21 @@ def decode_tok_s(dispatcher: ExpertDispatcher | None, num_seqs: int = 8) -> floa
     return sum(len(c.token_ids) for chunks in out.values() for c in chunks) / (time.perf_counter() - start)
 
 
-def measure(transport: ExpertTransport, placement: Any, moe: MoE, iters: int, repeats: int) -> dict[str, Any]:
+def measure(
+    transport: ExpertTransport, placement: Any, moe: MoE, iters: int, repeats: int, decode: bool = True
+) -> dict[str, Any]:
     """Median over `repeats` of: µs per 8-row layer call, and decode tok/s per (sequences, ping-pong)."""
     runs: dict[str, list[float]] = {}
     for _ in range(repeats):
         dispatcher = ExpertDispatcher(transport, placement, 16)
         runs.setdefault("layer_us", []).append(layer_us(dispatcher, moe, 8, iters))
-        for num_seqs in (8, 32):
+        for num_seqs in (8, 32) if decode else ():
             for ping_pong in (False, True):
                 d = ExpertDispatcher(transport, placement, 16, ping_pong=ping_pong)
                 key = f"decode_tok_s_{num_seqs}seq_pingpong_{'on' if ping_pong else 'off'}"
                 runs.setdefault(key, []).append(decode_tok_s(d, num_seqs))
     out: dict[str, Any] = {key: statistics.median(values) for key, values in runs.items()}
+    out["layer_us_runs"] = runs["layer_us"]
     out["ping_pong_default"] = ExpertDispatcher(transport, placement, 16).ping_pong
     return out
 
@@ -116,6 +124,32 @@ def _shard_main(path: str, keys: list[ExpertKey], rank: int, world: int, port: i
     shard = ExpertShard.load(path, keys)
     init_group(rank, world, "127.0.0.1", port)
     serve_shard(shard, hidden)
+
+
+def _echo_main(paths: Any, hidden: int, top_k: int) -> None:
+    """An echo shard: a channel server whose compute copies x back."""
+    torch.set_num_threads(1)
+    server = ChannelServer(lambda layer, x, ids, weights: x, hidden, top_k)
+    paths.put(server.path)
+    time.sleep(3600)  # the parent kills it
+
+
+class EchoTransport(ExpertTransport):
+    """The channel's round trip with nothing computed: one ShardChannel per echo process."""
+
+    is_async = True
+
+    def __init__(self, channels: list[ShardChannel]) -> None:
+        self.channels = channels
+
+    def send(self, layer: int, messages: list[Any]) -> object:
+        for m in messages:
+            self.channels[m.shard].call(layer, m)
+        return messages
+
+    def wait(self, handle: object) -> list[torch.Tensor]:
+        assert isinstance(handle, list)
+        return [self.channels[m.shard].result() for m in handle]
 
 
 def _free_port() -> int:
@@ -134,11 +168,24 @@ def run_transport(
         transport = InProcessTransport(
             [ExpertShard.load(CKPT, placement.experts_of_shard(s)) for s in range(num_shards)]
         )
-    elif kind == "ray":
+    elif kind in ("ray", "channel"):
         from replicas.experts.expert_pool import ExpertPool, ShardResources
 
         pool = ExpertPool.start(CKPT, placement, ShardResources(num_cpus=0.01), strategy="PACK")
-        transport, cleanup = pool.transport(), pool.shutdown
+        transport = pool.transport() if kind == "ray" else pool.channel_transport()
+        cleanup = pool.shutdown
+    elif kind == "echo":
+        ctx = mp.get_context("spawn")
+        paths = ctx.Queue()
+        procs = [ctx.Process(target=_echo_main, args=(paths, hidden, 4)) for _ in range(num_shards)]
+        for p in procs:
+            p.start()
+        transport = EchoTransport([ShardChannel(paths.get(timeout=60), 30.0) for _ in procs])
+
+        def cleanup() -> None:
+            for p in procs:
+                p.kill()
+                p.join()
     else:
         port = _free_port()
         ctx = mp.get_context("spawn")
@@ -157,8 +204,8 @@ def run_transport(
             for p in procs:
                 p.join(timeout=30)
 
-    try:
-        return measure(transport, placement, moe, iters, repeats)
+    try:  # an echo computes nothing: only its layer call means something
+        return measure(transport, placement, moe, iters, repeats, decode=kind != "echo")
     finally:
         if cleanup is not None:
             cleanup()
@@ -178,6 +225,7 @@ def main() -> None:
     moe = model.model.layers[1].mlp
     assert isinstance(moe, MoE)
     results: dict[str, Any] = {
+        "provenance": provenance(),
         "rows_per_layer_call": 8,
         "decode": "8 or 32 sequences x 32 new tokens after 32-token prompts, ping-pong off/on",
         "repeats": args.repeats,
@@ -189,7 +237,7 @@ def main() -> None:
     rows: dict[int, dict[str, Any]] = {
         shards: {
             kind: run_transport(kind, shards, moe, config.hidden_size, args.iters, args.repeats)
-            for kind in ("in_process", "collective")
+            for kind in ("in_process", "collective", "echo")
         }
         for shards in args.shards
     }
@@ -202,16 +250,19 @@ def main() -> None:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         for shards in args.shards:
-            rows[shards]["ray"] = run_transport(
-                "ray", shards, moe, config.hidden_size, args.iters, args.repeats
-            )
+            for kind in ("ray", "channel"):
+                rows[shards][kind] = run_transport(
+                    kind, shards, moe, config.hidden_size, args.iters, args.repeats
+                )
     finally:
         ray.shutdown()
     for shards, row in rows.items():
         base = row["in_process"]["layer_us"]
-        for kind in ("ray", "collective"):
+        for kind in ("ray", "collective", "channel"):
             row[kind]["overhead_us"] = row[kind]["layer_us"] - base
         row["ray_over_collective_layer"] = row["ray"]["layer_us"] / row["collective"]["layer_us"]
+        row["ray_over_channel_layer"] = row["ray"]["layer_us"] / row["channel"]["layer_us"]
+        row["channel_overhead_over_echo"] = row["channel"]["overhead_us"] / row["echo"]["layer_us"]
         results[f"{shards}_shards"] = row
         print(shards, json.dumps(row), flush=True)
     results["in_model_decode_tok_s"] = decode_tok_s(None)
