@@ -2,8 +2,9 @@
 
 The reader indexes a sharded (or single-file) checkpoint from file headers alone, then loads any subset
 of tensors opening each needed shard once, so an expert shard touches only its own files; FP8 weights
-are dequantized with their `weight_scale_inv` sidecar on the way. The writer produces the release's
-layout (shard names, FP8 + sidecar, index with total_size) so tests and tools build real checkpoints.
+are dequantized with their `weight_scale_inv` sidecar on the way, or kept as stored (`load_fp8`).
+The writer produces the release's layout (shard names, FP8 + sidecar, index with total_size) so
+tests and tools build real checkpoints.
 """
 
 import json
@@ -12,14 +13,21 @@ import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from mimo.fp8 import DEFAULT_BLOCK, FP8_DTYPE, dequantize_fp8_blocks, quantize_fp8_blocks
+from mimo.fp8 import (
+    DEFAULT_BLOCK,
+    FP8_DTYPE,
+    dequantize_fp8_blocks,
+    has_fp8_nan,
+    quantize_fp8_blocks,
+    scale_shape,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -45,6 +53,7 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 _NEVER_QUANTIZED_LEAF = re.compile(r"(\w*norm|embed_tokens|lm_head|gate)")
 _EXPERT_PROJ = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
+_Loaded = TypeVar("_Loaded")  # what a load makes of each name's stored tensors
 
 
 class CheckpointError(ValueError):
@@ -93,6 +102,25 @@ class CheckpointReader:
         desc: str = "loading",
     ) -> dict[str, torch.Tensor]:
         """Load `names` (FP8 dequantized; floating tensors cast to `dtype` when given), in request order."""
+        return self._load_parts(names, device, progress, desc, lambda name, t: self._finish(name, t, dtype))
+
+    def load_fp8(
+        self, names: Iterable[str], device: str | torch.device = "cpu"
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Load FP8 weights as stored, nothing dequantized: name -> (float8_e4m3fn [out, in], fp32
+        scale_inv [ceil(out/bo), ceil(in/bi)]). Every name must be stored as FP8."""
+        return self._load_parts(names, device, False, "loading", self._stored_fp8)
+
+    def _load_parts(
+        self,
+        names: Iterable[str],
+        device: str | torch.device,
+        progress: bool,
+        desc: str,
+        finish: Callable[[str, list[torch.Tensor]], _Loaded],
+    ) -> dict[str, _Loaded]:
+        """Reads each name's stored tensors (an FP8 weight and its sidecar) and hands them to `finish`
+        as soon as all have been read, opening each shard once."""
         wanted = list(dict.fromkeys(names))
         absent = [name for name in wanted if name not in self._name_set]
         if absent:
@@ -111,7 +139,7 @@ class CheckpointReader:
         for stored in owner:
             by_shard.setdefault(self._shard_of[stored], []).append(stored)
 
-        loaded: dict[str, torch.Tensor] = {}
+        loaded: dict[str, _Loaded] = {}
         stored_pending: dict[str, torch.Tensor] = {}  # a weight whose sidecar sits in a later shard
         shards = tqdm(sorted(by_shard), desc=desc, unit="shard", disable=None if progress else True)
         for shard in shards:
@@ -119,7 +147,7 @@ class CheckpointReader:
             for name in dict.fromkeys(owner[stored] for stored in by_shard[shard]):
                 if all(stored in stored_pending for stored in parts[name]):
                     tensors = [stored_pending.pop(stored) for stored in parts[name]]
-                    loaded[name] = self._finish(name, tensors, dtype)
+                    loaded[name] = finish(name, tensors)
         assert not stored_pending, "every stored tensor belongs to a finished logical tensor"
         return {name: loaded[name] for name in wanted}
 
@@ -170,15 +198,38 @@ class CheckpointReader:
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"corrupt or unreadable shard {file}: {err}") from err
 
+    def _stored_fp8(self, name: str, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(tensors) != 2:
+            raise CheckpointError(f"{name} is stored as {tensors[0].dtype}, not FP8")
+        q, scale_inv = tensors
+        _check_no_nan(name, q)
+        try:
+            expected = scale_shape(tuple(q.shape), self.block)
+        except ValueError as err:
+            raise CheckpointError(f"{name}: {err}") from err
+        if tuple(scale_inv.shape) != expected:
+            raise CheckpointError(
+                f"{name}: scale_inv shape {tuple(scale_inv.shape)} does not fit block {self.block}: "
+                f"expected {expected}"
+            )
+        return q, scale_inv.float()
+
     def _finish(self, name: str, tensors: list[torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:
         if len(tensors) == 2:
             q, scale_inv = tensors
+            _check_no_nan(name, q)
             try:
                 return dequantize_fp8_blocks(q, scale_inv, self.block, dtype or torch.float32)
             except ValueError as err:
                 raise CheckpointError(f"{name}: {err}") from err
         (tensor,) = tensors
         return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _check_no_nan(name: str, q: torch.Tensor) -> None:
+    # dequantize_fp8_blocks reads the NaN codes as numbers (its fast conversion): refuse them here
+    if has_fp8_nan(q):
+        raise CheckpointError(f"FP8 tensor {name} holds NaN")
 
 
 def _read_header(file: Path) -> dict[str, TensorInfo]:

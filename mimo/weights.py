@@ -73,7 +73,7 @@ def checkpoint_config(path: str | Path) -> MiMoConfig:
     """The config a checkpoint is served with: its config.json, less the MTP blocks when it stores
     none of their tensors. Reads config.json and the safetensors index (or header), never weights."""
     config = MiMoConfig.from_file(path)
-    reader = CheckpointReader(Path(path), quantization_config=_quant_dict(config))
+    reader = CheckpointReader(Path(path), quantization_config=quantization_dict(config))
     return without_absent_mtp(config, reader.names())
 
 
@@ -195,7 +195,7 @@ def load_model(
     """
     root = Path(path)
     declared = config or MiMoConfig.from_file(root)
-    reader = CheckpointReader(root, quantization_config=_quant_dict(declared))
+    reader = CheckpointReader(root, quantization_config=quantization_dict(declared))
     cfg = without_absent_mtp(declared, reader.names())
     if cfg.num_mtp_layers < declared.num_mtp_layers:
         logger.warning(
@@ -230,7 +230,8 @@ def move_buffers(module: torch.nn.Module, device: str | torch.device) -> None:
                 sub._buffers[name] = buf.to(device)
 
 
-def _quant_dict(config: MiMoConfig) -> dict[str, object] | None:
+def quantization_dict(config: MiMoConfig) -> dict[str, object] | None:
+    """The config's `quantization_config` as `CheckpointReader` takes it (None: not quantized)."""
     q = config.quantization
     if q is None:
         return None

@@ -4,6 +4,7 @@ It loads only its own tensors from the checkpoint (memory-mapped; never the whol
 one grouped computation per message: rows [R, H] with each row's chosen expert ids and combine
 weights, where pairs computed on another shard carry the id `num_experts` (NOT_HERE). It returns
 the weighted partial sum over the pairs it owns, and counts tokens and compute time per expert.
+An FP8 checkpoint's experts stay FP8 in memory, dequantized per call (`fp8_experts.py`).
 Plain class: `ExpertShardActor` (`replicas/experts/expert_pool.py`) hosts it in a Ray actor, the gloo shard
 loop (`replicas/experts/transport_collective.py`) in a process, tests and the in-process transport
 call it directly.
@@ -20,9 +21,13 @@ import torch
 
 from mimo.checkpoint import CheckpointReader
 from mimo.config import MiMoConfig
+from mimo.fp8 import FP8_DTYPE
 from mimo.moe import Experts, Routing
-from mimo.weights import load_tensors, move_buffers, select_names, stack_experts
+from mimo.weights import load_tensors, move_buffers, quantization_dict, select_names, stack_experts
 from replicas.experts.expert_placement import ExpertKey
+from replicas.experts.fp8_experts import FP8Experts
+
+LayerExperts = Experts | FP8Experts  # one layer's experts held here: dequantized, or FP8 until a call
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class ShardStats:
 
 
 class ExpertShard:
-    def __init__(self, config: MiMoConfig, experts: dict[int, Experts]) -> None:
+    def __init__(self, config: MiMoConfig, experts: dict[int, LayerExperts]) -> None:
         self.config = config
         self.experts = experts  # layer -> the experts of that layer held here
         self.token_counts: dict[int, torch.Tensor] = {}  # layer -> tokens per global expert id [E]
@@ -48,14 +53,23 @@ class ExpertShard:
         keys: Sequence[ExpertKey],
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        keep_fp8: bool = True,
     ) -> ExpertShard:
+        """The experts `keys` from the checkpoint at `path`, computing in `dtype` on `device`. Experts
+        stored as FP8 stay FP8 (dequantized per call) unless `keep_fp8` is False, which dequantizes
+        them to `dtype` here; either way outputs are bit-identical."""
         config = MiMoConfig.from_file(path)
-        reader = CheckpointReader(Path(path))
+        reader = CheckpointReader(Path(path), quantization_config=quantization_dict(config))
         by_layer: dict[int, list[int]] = {}
         for layer, e in keys:
             by_layer.setdefault(layer, []).append(e)
-        experts: dict[int, Experts] = {}
+        experts: dict[int, LayerExperts] = {}
         names = select_names(config, dense=False, experts=sorted(keys))
+        if keep_fp8 and names and all(reader.dtype(n) == FP8_DTYPE for n in names):
+            stored = reader.load_fp8(names, device)
+            for layer, ids in by_layer.items():
+                experts[layer] = FP8Experts.from_hub(config, layer, ids, stored, reader.block, dtype)
+            return ExpertShard(config, experts)
         state = stack_experts(config, load_tensors(reader, names, dtype, device, progress=False))
         for layer, ids in by_layer.items():
             with torch.device("meta"):
@@ -73,10 +87,13 @@ class ExpertShard:
         by_layer: dict[int, list[int]] = {}
         for layer, e in keys:
             by_layer.setdefault(layer, []).append(e)
-        experts: dict[int, Experts] = {}
+        experts: dict[int, LayerExperts] = {}
         for layer, ids in by_layer.items():
             old = self.experts[layer]
             ids = sorted(ids)
+            if isinstance(old, FP8Experts):
+                experts[layer] = old.subset(self.config, ids)
+                continue
             index = old.local_index[torch.tensor(ids, device=old.local_index.device)]
             assert bool((index >= 0).all()), f"layer {layer}: subset asks for experts not held here"
             with torch.device("meta"):
@@ -91,6 +108,17 @@ class ExpertShard:
     def keys(self) -> list[ExpertKey]:
         return sorted((layer, e) for layer, m in self.experts.items() for e in m.expert_ids)
 
+    @property
+    def weight_bytes(self) -> int:
+        """Resident bytes of the expert weights held here (FP8 stacks with their scales, or
+        dequantized): what `mimo inspect` sizes a shard at."""
+        return sum(
+            m.nbytes
+            if isinstance(m, FP8Experts)
+            else sum(p.untyped_storage().nbytes() for p in (m.gate_up_proj, m.down_proj))
+            for m in self.experts.values()
+        )
+
     @torch.inference_mode()
     def compute(
         self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
@@ -98,7 +126,8 @@ class ExpertShard:
         """x [R, H], expert_ids/weights [R, k] -> weighted partial output [R, H] of this shard's pairs."""
         start = time.perf_counter()
         module = self.experts[layer]
-        out = module(x.to(module.gate_up_proj.dtype), Routing(expert_ids, weights))  # wire rows are fp32
+        dtype = module.dtype if isinstance(module, FP8Experts) else module.gate_up_proj.dtype
+        out = module(x.to(dtype), Routing(expert_ids, weights))  # wire rows are fp32
         # NOT_HERE pairs carry id num_experts and fall in the dropped last bin
         counts = torch.bincount(expert_ids.flatten(), minlength=self.config.num_experts + 1)[:-1]
         counts = counts * (module.local_index[:-1] >= 0)  # only experts held here

@@ -223,6 +223,34 @@ def test_sidecar_in_another_shard_still_pairs(tmp_path: Path) -> None:
     assert torch.equal(loaded["a.weight"], dequantize_fp8_blocks(q, scale_inv, (4, 4)))
 
 
+def test_load_fp8_keeps_weights_as_stored(tiny: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    """Catches FP8 weights dequantized (or scales dropped) on the path that keeps them FP8, or a
+    bf16 tensor passed off as FP8."""
+    path, tensors = tiny
+    name = "model.layers.1.mlp.experts.1.down_proj.weight"
+    reader = CheckpointReader(path, QUANT)
+    ((q, scale_inv),) = reader.load_fp8([name]).values()
+    expected_q, expected_scale = quantize_fp8_blocks(tensors[name], (4, 4))
+    assert q.dtype == torch.float8_e4m3fn and scale_inv.dtype == torch.float32
+    assert torch.equal(q.view(torch.uint8), expected_q.view(torch.uint8))
+    assert torch.equal(scale_inv, expected_scale)
+    assert torch.equal(dequantize_fp8_blocks(q, scale_inv, (4, 4)), reader.load([name], progress=False)[name])
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight is stored as torch\.bfloat16, not FP8"):
+        reader.load_fp8(["model.norm.weight"])
+
+
+def test_fp8_nan_is_refused_by_both_loads(tmp_path: Path) -> None:
+    """Catches a NaN FP8 weight loaded as a number (the fast conversion reads NaN codes as 480)."""
+    q, scale_inv = quantize_fp8_blocks(torch.randn(6, 5), (4, 4))
+    q.view(torch.uint8)[2, 3] = 0xFF
+    save_file({"a.weight": q, "a.weight_scale_inv": scale_inv}, str(tmp_path / "model.safetensors"))
+    reader = CheckpointReader(tmp_path, {"weight_block_size": [4, 4]})
+    with pytest.raises(CheckpointError, match=r"FP8 tensor a\.weight holds NaN"):
+        reader.load(["a.weight"], progress=False)
+    with pytest.raises(CheckpointError, match=r"FP8 tensor a\.weight holds NaN"):
+        reader.load_fp8(["a.weight"])
+
+
 def test_missing_shard_file_names_file_and_a_tensor(tiny: tuple[Path, dict[str, torch.Tensor]]) -> None:
     """Catches a partial download surfacing later as a confusing KeyError deep inside loading."""
     path, _ = tiny

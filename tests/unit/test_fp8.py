@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from mimo.fp8 import FP8_MAX, dequantize_fp8_blocks, quantize_fp8_blocks
+from mimo.fp8 import FP8_MAX, dequantize_fp8_blocks, has_fp8_nan, quantize_fp8_blocks
 
 
 def _naive_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -99,3 +99,61 @@ def test_rejects_non_2d_and_non_finite_weights() -> None:
         quantize_fp8_blocks(torch.ones(8))
     with pytest.raises(ValueError, match="non-finite"):
         quantize_fp8_blocks(torch.tensor([[1.0, float("inf")]]))
+
+
+def _reference_dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """torch's own FP8 cast times the scale grid, one 2-D weight at a time (the plain formula)."""
+    if q.dim() > 2:
+        return torch.stack(
+            [_reference_dequantize(qe, se, block) for qe, se in zip(q, scale_inv, strict=True)]
+        )
+    grid = scale_inv.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
+    return q.float() * grid[: q.shape[0], : q.shape[1]]
+
+
+def test_every_finite_fp8_code_converts_exactly_and_nan_codes_are_found() -> None:
+    """Catches a bit-move conversion that differs from torch's cast on any code (subnormals, signed
+    zero, the largest values), or a NaN check that misses a NaN code or flags a number."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).view(16, 16)
+    expected = codes.float()
+    got = dequantize_fp8_blocks(codes, torch.ones(1, 1), (16, 16))
+    finite = ~expected.isnan()
+    assert int(finite.sum()) == 254
+    assert torch.equal(got[finite].view(torch.int32), expected[finite].view(torch.int32))  # -0.0 too
+    assert not has_fp8_nan(codes[finite])
+    for nan_code in (0x7F, 0xFF):
+        assert has_fp8_nan(torch.tensor([0, nan_code], dtype=torch.uint8).view(torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("exponent", [-140, -100, 0, 100, 119])
+def test_dequantize_equals_torch_cast_times_scale_bit_for_bit(exponent: int) -> None:
+    """Catches the folded 2^8 (or a float16 step) rounding differently from q.float() * scale, at
+    subnormal, tiny and huge scales."""
+    generator = torch.Generator().manual_seed(exponent + 200)
+    q = (torch.randn(40, 50, generator=generator) * 100).to(torch.float8_e4m3fn)
+    scale_inv = (torch.rand(3, 4, generator=generator) + 1.0) * 2.0**exponent
+    expected = _reference_dequantize(q, scale_inv, (16, 16))
+    got = dequantize_fp8_blocks(q, scale_inv, (16, 16))
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(dequantize_fp8_blocks(q, scale_inv, (16, 16), torch.bfloat16), expected.bfloat16())
+
+
+@pytest.mark.parametrize(
+    ("shape", "block"),
+    [((3, 1100, 1000), (128, 128)), ((300, 70, 60), (32, 48)), ((1300, 900), (128, 128))],
+)
+def test_tiled_stacks_equal_the_plain_formula_and_fill_a_strided_out(
+    shape: tuple[int, ...], block: tuple[int, int]
+) -> None:
+    """Catches tiles of large weights or stacks (over a million values) read with the wrong scale
+    rows, ragged last tiles cropped, or `out` written through a copy instead of the view given."""
+    generator = torch.Generator().manual_seed(2)
+    q = (torch.randn(shape, generator=generator) * 100).to(torch.float8_e4m3fn)
+    grid = (-(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
+    scale_inv = torch.rand((*shape[:-2], *grid), generator=generator) + 0.1
+    expected = _reference_dequantize(q, scale_inv, block)
+    assert torch.equal(dequantize_fp8_blocks(q, scale_inv, block), expected)
+    wide = torch.zeros((*shape[:-2], shape[-2] + 5, shape[-1]), dtype=torch.bfloat16)
+    dequantize_fp8_blocks(q, scale_inv, block, out=wide[..., 5:, :])
+    assert torch.equal(wide[..., 5:, :], expected.bfloat16())
+    assert not wide[..., :5, :].any()
