@@ -25,7 +25,7 @@ def cluster_url(ray_cluster: object) -> Iterator[str]:
     spec = ClusterSpec.from_dict(
         {
             "engine": {"kv_cache_mib": 48, "max_model_len": 1024},
-            "attention": {"num_cpus": 0.5},
+            "attention": {"num_replicas": 2, "min_replicas": 2, "num_cpus": 0.5},
             "experts": {"num_cpus": 0.5},
             "gateway": {"port": port, "proxy_location": "HeadOnly"},
             "autoscaling": {"enabled": False},

@@ -10,10 +10,11 @@ from cluster.serving.attention_deployment import engine_config
 from cluster.spec import EMBEDDED_MODEL, ClusterSpec, SpecError
 
 
-def test_default_spec_serves_the_embedded_model_with_two_replicas_and_two_shards() -> None:
+def test_default_spec_serves_the_embedded_model_with_one_replica_and_two_shards() -> None:
     spec = ClusterSpec.load(None)
     assert spec.model.path == str(EMBEDDED_MODEL)
-    assert (spec.attention.num_replicas, spec.experts.num_shards) == (2, 2)
+    assert (spec.attention.num_replicas, spec.experts.num_shards) == (1, 2)
+    assert spec.experts.transport == "channel"
     assert (spec.gateway.host, spec.gateway.port) == ("127.0.0.1", 8000)
 
 
@@ -60,8 +61,10 @@ def test_default_autoscaling_ceiling_fits_the_machine() -> None:
 
     default = ClusterSpec()
     assert default.attention.max_replicas == 4
-    assert fit_to_machine(default, 2).attention.max_replicas == 2  # never below num_replicas
+    assert fit_to_machine(default, 2).attention.max_replicas == 1  # never below num_replicas
     assert fit_to_machine(default, 5).attention.max_replicas == 3  # 5 CPUs - 2 shards
+    two = ClusterSpec.from_dict({"attention": {"num_replicas": 2, "min_replicas": 2}})
+    assert fit_to_machine(two, 2).attention.max_replicas == 2
     assert fit_to_machine(default, 64) == default
     local = ClusterSpec.from_dict({"experts": {"transport": "local"}})
     assert fit_to_machine(local, 3).attention.max_replicas == 3

@@ -44,7 +44,7 @@ def test_config_passes_rays_schema_with_nothing_ignored(autoscaling: bool) -> No
     gateway, attention = app["deployments"]
     assert gateway == {"name": "Gateway", "num_replicas": 2, "max_ongoing_requests": 512}
     expected = {"name": "Attention", "max_ongoing_requests": 128, "max_queued_requests": 256}
-    assert attention == (expected if autoscaling else expected | {"num_replicas": 2})
+    assert attention == (expected if autoscaling else expected | {"num_replicas": 1})
 
 
 def test_args_rebuild_the_same_spec() -> None:
