@@ -136,7 +136,8 @@ def run_transformers(
 ) -> dict[str, Any]:
     import transformers
 
-    model = transformers.MiMoV2FlashForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = transformers.MiMoV2FlashForCausalLM.from_pretrained(path, dtype=dtype)
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers 5's stubs take no device
     ids = torch.tensor(batch, device=device)
     kwargs = dict(
         attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0,
