@@ -357,11 +357,13 @@ class ClusterSpec(_Spec):
     @staticmethod
     def from_dict(data: dict[str, object]) -> ClusterSpec:
         try:
-            return ClusterSpec.model_validate(data)
+            spec = ClusterSpec.model_validate(data)
         except ValidationError as e:
             err = e.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or "spec"
             raise SpecError(field, err["msg"]) from None
+        _check_combinations(spec)
+        return spec
 
     @staticmethod
     def load(path: str | Path | None) -> ClusterSpec:
@@ -373,3 +375,21 @@ class ClusterSpec(_Spec):
         if not isinstance(data, dict):
             raise SpecError("spec", f"{path} must hold a YAML mapping")
         return ClusterSpec.from_dict(data)
+
+
+def _check_combinations(spec: ClusterSpec) -> None:
+    """Fields valid alone that cannot work together: SpecError naming the field to change."""
+    g, x = spec.gateway, spec.experts
+    if g.direct_streaming and g.max_queue_wait_s is not None:
+        raise SpecError(
+            "gateway.max_queue_wait_s",
+            "is the gateway relay's bound; with gateway.direct_streaming no gateway relays requests "
+            "(unset one of them)",
+        )
+    if not x.has_shard_actors and (x.num_gpus > 0 or x.num_redundant > 0 or x.ping_pong):
+        field = "num_gpus" if x.num_gpus > 0 else "num_redundant" if x.num_redundant > 0 else "ping_pong"
+        raise SpecError(
+            f"experts.{field}",
+            "needs expert shard actors; experts.transport: local runs the experts inside each "
+            "attention replica (use channel or ray)",
+        )

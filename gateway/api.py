@@ -19,7 +19,7 @@ from gateway.auth import KeyStore, Tenant
 from gateway.config import GatewayConfig
 from gateway.engine_client import EngineClient, EngineError
 from gateway.errors import APIError, install_error_handlers
-from gateway.middleware import BearerAuth, BodyLimit
+from gateway.middleware import BearerAuth, BodyLimit, CountRequests
 from gateway.openai_chat import chat_completion
 from gateway.openai_completions import completion
 from gateway.rate_limit import Limits, LocalLimits
@@ -84,13 +84,7 @@ def build_app(
     # the last added runs first: count every request, then the key, then the body size
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(BearerAuth, keys=keys)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        state.metrics.http_request(getattr(route, "path", "unmatched"), response.status_code)
-        return response
+    app.add_middleware(CountRequests, record=state.metrics.http_request)
 
     async def run(request: Request, handler: Any, body: Any) -> Response:
         tenant: Tenant = request.state.tenant

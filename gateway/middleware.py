@@ -1,4 +1,9 @@
-"""The two checks every request passes before its body is parsed: the API key, then the body size.
+"""The ASGI layers around the API: the request counter, then the two checks every request passes
+before its body is parsed: the API key, then the body size.
+
+All three are plain ASGI (no Starlette `BaseHTTPMiddleware`, which relays every chunk of a streamed
+response through a memory stream and a task: on the direct-streaming path that relay ran on the
+engine's process and held the GIL beside the engine thread).
 
 `BearerAuth` answers 401 (with `WWW-Authenticate: Bearer`) before anything is read, so a client
 without a key learns nothing about what a valid body looks like; only `/health` and `/ready` are
@@ -9,12 +14,46 @@ reads the buffered body, and every later `receive` (disconnects) goes to the cli
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.auth import KeyStore
 from gateway.errors import APIError
 
 PUBLIC_PATHS = frozenset({"/health", "/ready"})
+
+
+class CountRequests:
+    """Calls `record(route path, status)` once per HTTP request, when its response starts (or with
+    500 when the app raised before answering); the response's body passes through untouched."""
+
+    def __init__(self, app: ASGIApp, record: Callable[[str, int], None]) -> None:
+        self.app = app
+        self.record = record
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        recorded = False
+
+        async def send_counted(message: Message) -> None:
+            nonlocal recorded
+            if not recorded and message["type"] == "http.response.start":
+                recorded = True
+                self.record(_route_path(scope), message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            if not recorded:
+                self.record(_route_path(scope), 500)
+
+
+def _route_path(scope: Scope) -> str:
+    return str(getattr(scope.get("route"), "path", "unmatched"))
 
 
 class BearerAuth:

@@ -39,6 +39,10 @@ def test_yaml_overrides_nested_fields(tmp_path: Path) -> None:
         ({"attention": {"bogus": 1}}, "attention.bogus"),
         ({"experts": {"transport": "smoke"}}, "experts.transport"),
         ({"attention": {"num_replicas": 5, "max_replicas": 4}}, "attention"),
+        ({"gateway": {"direct_streaming": True, "max_queue_wait_s": 5}}, "gateway.max_queue_wait_s"),
+        ({"experts": {"transport": "local", "num_gpus": 1}}, "experts.num_gpus"),
+        ({"experts": {"transport": "local", "num_redundant": 4}}, "experts.num_redundant"),
+        ({"experts": {"transport": "local", "ping_pong": True}}, "experts.ping_pong"),
     ],
 )
 def test_bad_values_name_the_field(data: dict[str, object], field: str) -> None:
