@@ -46,7 +46,18 @@ from replicas.experts.transport_ray import DEFAULT_CALL_TIMEOUT_S, ExpertCallTim
 INITIAL_CAPACITY = 64  # rows; decode batches fit without a MAP
 CONNECT_TIMEOUT_S = 2.0
 RECONNECT_AFTER_S = 5.0
-SHM_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else None
+SHM_ROOT = "/dev/shm"
+
+
+def buffer_root(num_bytes: int) -> str | None:
+    """Where a channel's buffer files go: /dev/shm when it has room for them twice over (a container's
+    /dev/shm is often 64 MiB, and writing past its size kills the writer with SIGBUS), else the
+    temporary directory (the mappings are shared all the same; pages may be written back to disk)."""
+    try:
+        stat = os.statvfs(SHM_ROOT)
+    except OSError:
+        return None
+    return SHM_ROOT if stat.f_bavail * stat.f_frsize >= 2 * num_bytes else None
 
 
 class ShardComputeError(RuntimeError):
@@ -73,7 +84,9 @@ class ShardChannel:
         capacity = max(self.capacity, INITIAL_CAPACITY)
         while capacity < rows:
             capacity *= 2
-        folder = tempfile.mkdtemp(prefix="mimo-channel-", dir=SHM_ROOT)
+        folder = tempfile.mkdtemp(
+            prefix="mimo-channel-", dir=buffer_root(capacity * (width + hidden_size) * 4)
+        )
         try:
             prefix = os.path.join(folder, "buffer")
             for suffix, columns in ((".in", width), (".out", hidden_size)):
