@@ -51,7 +51,7 @@ class ExpertPoolDeployment:
         self.pool = ExpertPool.start(
             self.spec.model.path,
             self.placement,
-            ShardResources(x.num_cpus, x.num_gpus, x.threads),
+            ShardResources(x.num_cpus, x.num_gpus, x.threads, x.keep_fp8),
             x.placement_strategy,
             self.spec.model.dtype,
         )
@@ -166,7 +166,7 @@ class ExpertPoolDeployment:
             else initial_placement(self.moe_layers, self.num_experts, n)
         )
         actors = old_actors[:n]
-        resources = ShardResources(x.num_cpus, x.num_gpus, x.threads)
+        resources = ShardResources(x.num_cpus, x.num_gpus, x.threads, x.keep_fp8)
         for shard in range(current, n):  # new shards start holding their experts
             keys = new.experts_of_shard(shard)
             if shard < len(self.pool.actors):  # the first group's bundle, freed by a shrink

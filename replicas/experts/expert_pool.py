@@ -41,13 +41,14 @@ WORKER_ENV = {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1", "OMP_WAIT_POLICY": "PAS
 class ExpertShardActor:
     """Ray actor body (wrapped with ray.remote by `ExpertPool`)."""
 
-    def __init__(self, path: str, keys: list[ExpertKey], dtype: str, threads: int, num_gpus: float) -> None:
-        torch.set_num_threads(threads)
+    def __init__(self, path: str, keys: list[ExpertKey], dtype: str, resources: ShardResources) -> None:
+        torch.set_num_threads(resources.threads)
         run_as_batch_worker()  # a woken shard does not preempt the attention replica's fan-out
         self.path = path
         self.dtype = getattr(torch, dtype)
-        self.device = device_for_gpus(num_gpus)
-        self.shard = ExpertShard.load(path, keys, self.dtype, self.device)
+        self.device = device_for_gpus(resources.num_gpus)
+        self.keep_fp8 = resources.keep_fp8
+        self.shard = ExpertShard.load(path, keys, self.dtype, self.device, keep_fp8=self.keep_fp8)
         # calls from several attention replicas (or two ping-pong micro-batches) arrive on the
         # actor's threads: one compute at a time keeps the shard's load counters exact
         self.lock = threading.Lock()
@@ -90,13 +91,17 @@ class ExpertShardActor:
         missing = sorted(set(keys) - set(old.keys))
         if missing:
             union = sorted(set(old.keys) | set(keys))
-            merged = ExpertShard.load(self.path, union, self.dtype, self.device)
+            merged = ExpertShard.load(self.path, union, self.dtype, self.device, keep_fp8=self.keep_fp8)
             self.shard = merged  # one reference assignment: a compute in flight keeps its shard
         return len(missing)
 
     def finalize(self, keys: list[ExpertKey]) -> None:
         """EPLB step 3, after every dispatcher switched: drop experts the new placement moved away."""
         self.shard = self.shard.subset(keys)
+
+    def weight_bytes(self) -> int:
+        """Resident bytes of this shard's expert weights (`ExpertShard.weight_bytes`)."""
+        return self.shard.weight_bytes
 
     def pid(self) -> int:
         return os.getpid()
@@ -107,9 +112,13 @@ class ExpertShardActor:
 
 @dataclass(frozen=True)
 class ShardResources:
+    """What each shard process gets: its CPUs, GPUs and torch threads, and whether the experts of an
+    FP8 checkpoint stay FP8 in its memory (`expert_shard.ExpertShard.load`'s keep_fp8)."""
+
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     threads: int = 1
+    keep_fp8: bool = True
 
 
 class ExpertPool:
@@ -196,5 +205,5 @@ def start_shard(
             runtime_env={"env_vars": WORKER_ENV},
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=bundle),
         )
-        .remote(str(path), keys, dtype, resources.threads, resources.num_gpus)
+        .remote(str(path), keys, dtype, resources)
     )

@@ -70,9 +70,7 @@ def test_ray_shards_match_single_process(
     placement = initial_placement(list(range(1, 7)), 16, num_shards)
     pool = ExpertPool.start(checkpoint, placement, ShardResources(num_cpus=0.5))
     try:
-        nodes = (
-            {ray.get(a.node_id.remote()) for a in pool.actors} if hasattr(pool.actors[0], "node_id") else None
-        )
+        nodes = {ray.get(a.node_id.remote()) for a in pool.actors}
         for ping_pong in (False, True):
             transport = _transport(pool, kind)
             dispatcher = ExpertDispatcher(transport, placement, 16, ping_pong=ping_pong)
@@ -165,3 +163,27 @@ def test_a_hung_shard_fails_its_steps_in_bounded_time_and_the_engine_recovers(
         assert ray.get(pool.actors[shard].pid.remote()) == victim  # the same process, resumed
     finally:
         pool.shutdown()
+
+
+def test_fp8_checkpoint_stays_fp8_in_shard_actors_unless_told_not_to(
+    ray_cluster: object, tmp_path: Path
+) -> None:
+    """Catches `experts.keep_fp8` (ShardResources.keep_fp8) not reaching the shard processes, and
+    FP8 shard actors computing differently from dequantized ones."""
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [24, 48], "ignored_layers": []}
+    write_random_checkpoint(
+        tmp_path, random_config_dict(max_position_embeddings=512), quantization_config=fp8
+    )
+    placement = initial_placement(list(range(1, 7)), 16, 2)
+    sizes, outputs = {}, {}
+    for keep in (True, False):
+        pool = ExpertPool.start(tmp_path, placement, ShardResources(num_cpus=0.5, keep_fp8=keep))
+        try:
+            sizes[keep] = sum(ray.get([a.weight_bytes.remote() for a in pool.actors]))
+            outputs[keep] = _outputs(
+                _engine(tmp_path, ExpertDispatcher(pool.transport(), placement, 16)), PROMPTS
+            )
+        finally:
+            pool.shutdown()
+    assert sizes[False] >= 3.5 * sizes[True]  # fp32 dequantized: 4 bytes a weight against ~1
+    assert outputs[True] == outputs[False]
