@@ -11,8 +11,8 @@ Faults, per shard:
   the restarted actor, so the step loses time, not requests; the channel reconnects later;
 - the shard hung (no reply in `call_timeout_s`): ExpertCallTimeout, as on Ray, and the channel is
   dropped (a late reply would put it out of step);
-- a shard that cannot be reached to connect is served over Ray, and connecting is tried again after
-  `RECONNECT_AFTER_S`.
+- until a shard's channel address is in (at start, while it restarts) its calls go over Ray: the
+  engine never waits to connect; a failed connect is tried again after `RECONNECT_AFTER_S`.
 A second call to a shard while one is in flight on its channel (ping-pong's second micro-batch)
 goes over Ray: a channel holds one call at a time.
 """
@@ -137,7 +137,8 @@ class ChannelTransport(ExpertTransport):
         self.call_timeout_s = call_timeout_s
         self.node_id = str(ray.get_runtime_context().get_node_id())
         self._channels: dict[int, ShardChannel | None] = {}  # None: the shard is on another node
-        self._retry_at: dict[int, float] = {}  # shard -> when to try connecting again
+        self._asked: dict[int, Any] = {}  # shard -> its open_channel call in flight
+        self._retry_at: dict[int, float] = {}  # shard -> when to ask again after a failure
         self.num_channel_calls = 0
         self.num_ray_calls = 0
 
@@ -150,23 +151,32 @@ class ChannelTransport(ExpertTransport):
                 self._drop(shard)
 
     def _drop(self, shard: int) -> None:
+        self._asked.pop(shard, None)
         channel = self._channels.pop(shard, None)
         if channel is not None:
             channel.close()
 
     def _channel(self, shard: int) -> ShardChannel | None:
+        """The shard's channel, None while there is none (calls go over Ray). Asking a shard for its
+        address never blocks the engine: the answer is picked up by a later call once it is in (a
+        restarting shard answers when it is back)."""
         if shard in self._channels:
             return self._channels[shard]
-        if time.monotonic() < self._retry_at.get(shard, 0.0):
+        asked = self._asked.get(shard)
+        if asked is None:
+            if time.monotonic() < self._retry_at.get(shard, 0.0):
+                return None
+            asked = self._asked[shard] = self.ray.actors[shard].open_channel.remote()
+        ready, _ = ray.wait([asked], timeout=0)
+        if not ready:
             return None
+        del self._asked[shard]
         try:
-            address: ChannelAddress = ray.get(
-                self.ray.actors[shard].open_channel.remote(), timeout=CONNECT_TIMEOUT_S
-            )
+            address: ChannelAddress = ray.get(asked)
             channel = (
                 ShardChannel(address.path, self.call_timeout_s) if address.node_id == self.node_id else None
             )
-        except (ray.exceptions.RayError, OSError):  # restarting, or its socket is gone: Ray for now
+        except (ray.exceptions.RayError, OSError):  # the shard failed, or its socket is gone
             self._retry_at[shard] = time.monotonic() + RECONNECT_AFTER_S
             return None
         self._channels[shard] = channel
