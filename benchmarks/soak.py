@@ -4,7 +4,7 @@ Every request must end one way or another: read to its finish reason, cancelled 
 purpose, or refused retriably (a 429/503 with Retry-After, or an error event that says to retry:
 what a fault in flight may cause); anything else (another error, a stream cut without a finish
 reason) is a lost request. `python -m benchmarks.soak` starts a local cluster (the default spec
-with a smaller KV cache), soaks it for --duration-s, with `--fault-every-s` SIGKILLs an expert
+with a smaller KV cache and two attention replicas), soaks it for --duration-s, with `--fault-every-s` SIGKILLs an expert
 shard and an attention replica in turn, samples replica RSS and KV usage every 30 s, checks KV
 usage returns to zero and attention-replica memory stays flat, and writes
 `benchmarks/results/soak.json` with the commit and spec. tests/integration/test_soak.py runs the
@@ -204,6 +204,8 @@ def main() -> None:
             "gateway": {"port": port},
             "autoscaling": {"enabled": False},
             "engine": {"max_model_len": 1024, "kv_cache_mib": 64},
+            # two replicas whatever the default: faults kill one, the soak follows the other's memory
+            "attention": {"num_replicas": 2, "min_replicas": 2},
         }
     )
     ray.init(
