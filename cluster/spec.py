@@ -3,17 +3,22 @@
 The local `mimo serve`, the Ray Serve config (`mimo serve --print-config`) and the Kubernetes
 manifests (`mimo render k8s`) are all rendered from it. Every field is described; unknown fields are
 rejected (`extra="forbid"`), and a bad value raises `SpecError` naming the field's dotted path.
+This file holds the serving sections (model, engine, attention, experts, router, gateway) and the
+whole; the gateway's is in `spec_gateway.py`, the operations sections (observability, autoscaling,
+Kubernetes) in `spec_operations.py`.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from cluster.spec_base import SpecError, SpecSection
+from cluster.spec_gateway import GatewaySpec
+from cluster.spec_operations import AutoscalingSpec, KubernetesSpec, ObservabilitySpec
 from replicas.engine.engine_config import EngineConfig
 from router.policy import RouterConfig
 
@@ -31,19 +36,7 @@ DIRECT_STREAMING_ENV = {
 }
 
 
-class SpecError(ValueError):
-    """A cluster spec that cannot be used; `field` is the dotted path of the value at fault."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelSpec(_Spec):
+class ModelSpec(SpecSection):
     """The checkpoint served and how it is named and loaded."""
 
     path: str = Field(
@@ -62,7 +55,7 @@ class ModelSpec(_Spec):
 _ENGINE = EngineConfig()  # one source for the engine's defaults: the engine's own
 
 
-class EngineSpec(_Spec):
+class EngineSpec(SpecSection):
     """Each attention replica's engine: KV cache, batching, MTP, threads."""
 
     block_size: int = Field(
@@ -109,7 +102,7 @@ class EngineSpec(_Spec):
     )
 
 
-class AttentionSpec(_Spec):
+class AttentionSpec(SpecSection):
     """The attention replica pool (dense path and KV cache), Serve-autoscaled."""
 
     num_replicas: int = Field(
@@ -132,7 +125,7 @@ class AttentionSpec(_Spec):
         return self
 
 
-class ExpertsSpec(_Spec):
+class ExpertsSpec(SpecSection):
     """The expert shard actors that hold the routed experts."""
 
     num_shards: int = Field(2, ge=1, description="expert shard actors")
@@ -184,7 +177,7 @@ class ExpertsSpec(_Spec):
         return self.transport != "local"
 
 
-class RouterSpec(_Spec):
+class RouterSpec(SpecSection):
     """How the gateway's router places a request: cached prefix against load."""
 
     policy: Literal["prefix", "round_robin", "power_of_two"] = Field(
@@ -231,126 +224,7 @@ class RouterSpec(_Spec):
     )
 
 
-class GatewaySpec(_Spec):
-    """The OpenAI API: bind address, keys, limits."""
-
-    host: str = Field(
-        "127.0.0.1", description="HTTP bind address of the Serve proxy; off loopback needs api_keys_file"
-    )
-    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the OpenAI API")
-    num_replicas: int = Field(1, ge=1, description="gateway replicas")
-    api_keys_file: str | None = Field(
-        None, description="file with one API key per line (e.g. a mounted Kubernetes secret); none = no auth"
-    )
-    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body accepted")
-    max_prompt_tokens: int | None = Field(
-        None, ge=1, description="longest prompt accepted; default the context"
-    )
-    requests_per_minute: int | None = Field(None, ge=1, description="per-key request rate limit")
-    tokens_per_minute: int | None = Field(None, ge=1, description="per-key prompt+completion token limit")
-    max_pending_requests: int = Field(512, ge=1, description="requests in the gateway before 503")
-    max_queue_wait_s: float | None = Field(
-        None,
-        gt=0,
-        description="longest a request may wait for its first token (router, Serve's queue, the "
-        "engine's waiting queue and its prefill); past it the request is aborted and answered 503 "
-        "with Retry-After; none: no bound in time (the queues are bounded in counts: "
-        "engine.max_queued_requests, attention.max_ongoing_requests, max_pending_requests). Prefill "
-        "counts, so set it above the longest prompt's prefill; the gateway's bound, so not with "
-        "direct_streaming",
-    )
-    default_thinking: bool = Field(
-        False,
-        description="reasoning for chat requests that set neither `thinking` nor "
-        "chat_template_kwargs.enable_thinking",
-    )
-    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
-        "EveryNode", description="where Serve runs HTTP proxies (HeadOnly when nodes share one host)"
-    )
-    direct_streaming: bool = Field(
-        False,
-        description="HAProxy sends each request straight to the attention replica the router picks, "
-        "which serves the API itself: one hop per streamed chunk instead of two (needs a Ray cluster "
-        "started with cluster.spec.DIRECT_STREAMING_ENV; `mimo serve` and the Kubernetes render set "
-        "it). Per-key rate limits are then kept in one store all replicas share.",
-    )
-
-    @model_validator(mode="after")
-    def _private_unless_authenticated(self) -> GatewaySpec:
-        if self.api_keys_file is None and not _is_loopback(self.host):
-            raise ValueError(
-                f"host {self.host} is reachable from other machines: set api_keys_file, "
-                "or keep the default 127.0.0.1 (private by default)"
-            )
-        return self
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: only "localhost" is known to stay on this machine
-        return False
-
-
-class ObservabilitySpec(_Spec):
-    """Where metrics are exported and read."""
-
-    metrics_port: int = Field(8080, ge=1, le=65535, description="Ray's per-node metrics export port")
-    prometheus_url: str | None = Field(
-        None, description="Prometheus the autoscaler queries (PromQL); none = the replicas' own stats"
-    )
-
-
-class AutoscalingSpec(_Spec):
-    """The application-level autoscaling policy's targets and delays."""
-
-    enabled: bool = Field(True, description="run the application-level autoscaling policy")
-    target_kv_usage: float = Field(0.7, gt=0, le=1, description="scale attention up above this KV usage")
-    target_waiting_per_replica: float = Field(
-        2.0, ge=0, description="queued requests per replica to scale up"
-    )
-    ttft_slo_ms: float = Field(2000.0, gt=0, description="time-to-first-token SLO (p90)")
-    scale_down_kv_usage: float = Field(0.3, ge=0, le=1, description="scale down below this KV usage")
-    upscale_delay_s: float = Field(10.0, ge=0, description="condition must hold this long to scale up")
-    downscale_delay_s: float = Field(60.0, ge=0, description="condition must hold this long to scale down")
-    cooldown_s: float = Field(30.0, ge=0, description="least time between two scaling changes of a pool")
-    expert_target_load: float = Field(0.7, gt=0, le=1, description="busy fraction per shard to add shards")
-
-
-class KubernetesSpec(_Spec):
-    """What `mimo render k8s` writes: image, namespace, pod sizes."""
-
-    namespace: str = Field("mimo", description="namespace of every object")
-    image: str = Field("ghcr.io/mimo-serve/mimo-serve:0.1.0", description="container image")
-    head_cpu: str = Field("2", description="head pod CPU request")
-    head_memory: str = Field("8Gi", description="head pod memory request")
-    attention_cpu: str = Field("4", description="attention pod CPU request")
-    attention_memory: str = Field("16Gi", description="attention pod memory request")
-    attention_gpus: int = Field(0, ge=0, description="GPUs per attention pod")
-    expert_cpu: str = Field("4", description="expert pod CPU request")
-    expert_memory: str = Field("16Gi", description="expert pod memory request")
-    expert_gpus: int = Field(0, ge=0, description="GPUs per expert pod")
-    gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="node labels for GPU pods")
-    api_key_secret: str = Field("mimo-api-keys", description="Secret holding the API keys file")
-    operator_namespace: str = Field(
-        "kuberay-system", description="namespace of the KubeRay operator (the only one let to the dashboard)"
-    )
-    prometheus_namespace: str = Field(
-        "monitoring", description="namespace of Prometheus (the only one let to the metrics port)"
-    )
-    gcs_redis_address: str | None = Field(
-        None,
-        description="host:port of an external Redis for GCS fault tolerance: running Serve replicas "
-        "keep serving while the head pod restarts, and the cluster's state survives it (none: off)",
-    )
-    gcs_redis_secret: str = Field(
-        "mimo-redis", description="Secret whose key 'password' holds that Redis's password"
-    )
-
-
-class ClusterSpec(_Spec):
+class ClusterSpec(SpecSection):
     model: ModelSpec = ModelSpec()
     engine: EngineSpec = EngineSpec()
     attention: AttentionSpec = AttentionSpec()
