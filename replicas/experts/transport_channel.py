@@ -42,6 +42,7 @@ from replicas.experts.channel_server import (
 )
 from replicas.experts.dispatch import ExpertTransport, ShardMessage
 from replicas.experts.transport_ray import DEFAULT_CALL_TIMEOUT_S, ExpertCallTimeout, RayTransport
+from replicas.experts.wire import grown, pack_into
 
 INITIAL_CAPACITY = 64  # rows; decode batches fit without a MAP
 CONNECT_TIMEOUT_S = 2.0
@@ -81,9 +82,7 @@ class ShardChannel:
         self.rows: int | None = None  # the call in flight
 
     def _map(self, rows: int, hidden_size: int, width: int) -> None:
-        capacity = max(self.capacity, INITIAL_CAPACITY)
-        while capacity < rows:
-            capacity *= 2
+        capacity = grown(max(self.capacity, INITIAL_CAPACITY), rows)
         folder = tempfile.mkdtemp(
             prefix="mimo-channel-", dir=buffer_root(capacity * (width + hidden_size) * 4)
         )
@@ -112,10 +111,7 @@ class ShardChannel:
         (rows, h), k = m.x.shape, m.expert_ids.shape[1]
         if rows > self.capacity or self.resp.shape[1] != h:
             self._map(rows, h, h + 2 * k)
-        body = self.req[:rows]
-        body[:, :h] = m.x
-        body[:, h : h + k] = m.expert_ids
-        body[:, h + k :] = m.weights
+        pack_into(self.req[:rows], m.x, m.expert_ids, m.weights)
         self.sock.sendall(HEADER.pack(OP_CALL, layer, rows))
         self.rows = rows
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from replicas.experts.cpu_policy import run_as_batch_worker
 from replicas.experts.dispatch import ExpertTransport, ShardMessage
 from replicas.experts.expert_shard import ExpertShard
-from replicas.experts.wire import pack_into, unpack
+from replicas.experts.wire import grown, pack_into, unpack
 
 STOP = -1
 GROW = -2
@@ -30,13 +30,6 @@ INITIAL_CAPACITY = 64  # rows; decode batches fit without a GROW
 
 def init_group(rank: int, world_size: int, address: str, port: int, backend: str = "gloo") -> None:
     dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world_size)
-
-
-def grown(capacity: int, rows: int) -> int:
-    """The capacity both sides switch to when `rows` does not fit (doubling, so few GROWs)."""
-    while capacity < rows:
-        capacity *= 2
-    return capacity
 
 
 def serve_shard(shard: ExpertShard, hidden_size: int) -> int:

@@ -29,3 +29,11 @@ def unpack(body: torch.Tensor, hidden_size: int) -> tuple[torch.Tensor, torch.Te
     top_k = (body.shape[1] - hidden_size) // 2
     x = body[:, :hidden_size]
     return x, body[:, hidden_size : hidden_size + top_k].to(torch.long), body[:, hidden_size + top_k :]
+
+
+def grown(capacity: int, rows: int) -> int:
+    """The buffer capacity in rows once `rows` must fit: doubled until it does, so buffers grow rarely
+    (the collective transport and the channel both grow their buffers by it)."""
+    while capacity < rows:
+        capacity *= 2
+    return capacity
