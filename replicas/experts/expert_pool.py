@@ -56,11 +56,8 @@ class ExpertShardActor:
 
     def compute_packed(self, layer: int, payload: np.ndarray) -> np.ndarray:
         """payload [R, H + 2k] fp32 (`wire.pack`) -> partial output [R, H] fp32."""
-        body = torch.from_numpy(payload if payload.flags.writeable else payload.copy()).to(self.device)
-        x, ids, weights = unpack(body, self.shard.config.hidden_size)
-        with self.lock:
-            out = self.shard.compute(layer, x, ids, weights)
-        result: np.ndarray = out.float().cpu().numpy()
+        body = torch.from_numpy(payload if payload.flags.writeable else payload.copy())
+        result: np.ndarray = self._compute_rows(layer, *unpack(body, self.shard.config.hidden_size)).numpy()
         return result
 
     def open_channel(self) -> ChannelAddress:
@@ -73,6 +70,8 @@ class ExpertShardActor:
     def _compute_rows(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
+        """Host rows -> host fp32 partial output, one compute at a time (Ray calls and channel
+        connections arrive on different threads)."""
         with self.lock:
             out = self.shard.compute(layer, x.to(self.device), ids.to(self.device), weights.to(self.device))
         return out.float().cpu()
