@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ class TPRank:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     backend: str = "gloo"
+    timeout_s: float = 300.0  # a collective (or the rendezvous) waiting longer raises, not hangs
 
     def export_env(self) -> None:
         """The variables DeepSpeed's launcher would set; LOCAL_SIZE sizes its CPU accelerator."""
@@ -69,8 +71,12 @@ def shard_model(model: MiMoForCausalLM, tp: TPRank) -> MiMoForCausalLM:
 
     check_divisible(model, tp.tp_size)
     tp.export_env()
+    if tp.backend == "gloo":
+        _skip_shm_comm_build()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=tp.backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(
+            dist_backend=tp.backend, auto_mpi_discovery=False, timeout=timedelta(seconds=tp.timeout_s)
+        )
     dtype = model.lm_head.weight.dtype
     # grain 1: AutoTP's default grain (64) splits a 96-wide k_proj 64/32, across a head; with
     # heads divisible by tp_size, even splits fall on head boundaries
@@ -87,6 +93,18 @@ def shard_model(model: MiMoForCausalLM, tp: TPRank) -> MiMoForCausalLM:
             _narrow_heads(module, tp.rank, tp.tp_size)
     sharded.lm_head = _RowsHead(sharded.lm_head)  # type: ignore[assignment]  # duck-types Linear
     return sharded
+
+
+def _skip_shm_comm_build() -> None:
+    """Keeps DeepSpeed from JIT-compiling its CPU shared-memory all-reduce when a rank starts.
+
+    The build needs a compiler on the serving host and serialises on a lock file under
+    ~/.cache/torch_extensions; a rank killed mid-build leaves the lock behind and every later rank
+    on that host waits on it forever (seen: CI hung on it). gloo's all-reduce is
+    exact and needs no build; GPU ranks use NCCL and never reach this."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _narrow_heads(attn: Attention, rank: int, tp_size: int) -> None:
