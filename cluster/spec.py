@@ -93,6 +93,14 @@ class EngineSpec(SpecSection):
         "in between go out together (0: a chunk per engine step)",
     )
     max_queued_requests: int = Field(256, ge=1, description="waiting requests per replica before 503")
+    max_queue_wait_s: float | None = Field(
+        30.0,
+        gt=0,
+        description="a request its replica has not started this long after it reached the API ends "
+        "with 503 + Retry-After (on every streaming path); prefill does not count, so long prompts "
+        "are safe once started; none: no bound in time (the engine library's default, for offline "
+        "batches)",
+    )
     threads: int = Field(
         1,
         ge=1,

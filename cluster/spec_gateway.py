@@ -34,7 +34,8 @@ class GatewaySpec(SpecSection):
         gt=0,
         description="longest a request may wait for its first token (router, Serve's queue, the "
         "engine's waiting queue and its prefill); past it the request is aborted and answered 503 "
-        "with Retry-After; none: no bound in time (the queues are bounded in counts: "
+        "with Retry-After; none: no bound on the first token (engine.max_queue_wait_s still bounds "
+        "the wait until the request starts; the queues are bounded in counts: "
         "engine.max_queued_requests, attention.max_ongoing_requests, max_pending_requests). Prefill "
         "counts, so set it above the longest prompt's prefill; the gateway's bound, so not with "
         "direct_streaming",

@@ -8,8 +8,9 @@ will not run the request. The engine makes these very objects: no translation on
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from protocol.sampling import SamplingParams
@@ -24,6 +25,9 @@ class GenerateRequest:
     params: SamplingParams
     salt: str | None = None  # prefix-cache tenant: different salts never share cached blocks
     priority: int = 0  # lower is served sooner
+    # wall-clock time (time.time()) the request was built, i.e. reached the API: the engine's queue
+    # time and its `max_queue_wait_s` bound count from here, through the Serve queue and the hops
+    arrival_s: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -31,7 +35,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    queue_s: float = 0.0  # from arrival until the request was first scheduled
+    queue_s: float = 0.0  # from arrival (GenerateRequest.arrival_s) until first scheduled
 
 
 @dataclass(frozen=True)

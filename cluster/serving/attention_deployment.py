@@ -44,6 +44,7 @@ def engine_config(spec: ClusterSpec) -> Any:
         num_mtp_drafts=e.num_mtp_drafts,
         max_draft_batch=e.max_draft_batch,
         enable_prefix_cache=e.enable_prefix_cache,
+        max_queue_wait_s=e.max_queue_wait_s,
         kv_dtype_bytes=4 if spec.model.dtype == "float32" else 2,
     )
 

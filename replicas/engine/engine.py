@@ -31,6 +31,8 @@ from replicas.experts.dispatch import ExpertDispatcher, ExpertsUnavailable
 # a step whose expert calls failed (a shard lost or replaced, `ExpertsUnavailable`): its requests
 # end with this Retry-After; Serve replaces a lost shard or pool in seconds (docs/operations.md)
 EXPERTS_RETRY_AFTER_S = 5.0
+# a request refused by the queue-time bound: the replica was overloaded that long already
+QUEUE_RETRY_AFTER_S = 2.0
 
 
 class InvalidRequest(ValueError):
@@ -49,10 +51,10 @@ class _Live:
     detok: IncrementalDetokenizer
     stops: StopStringMatcher
     num_prompt: int
+    added_s: float  # arrival at the API, on this process's monotonic clock
     num_cached: int = 0
     token_ids: list[int] = field(default_factory=list)
-    added_s: float = field(default_factory=time.monotonic)
-    queue_s: float | None = None
+    queue_s: float | None = None  # set when first scheduled
 
 
 class Engine:
@@ -74,7 +76,13 @@ class Engine:
         self.runner = ModelRunner(model, layout, config.num_mtp_drafts, config.max_draft_batch, dispatcher)
         self.device = self.runner.paged.device
         self._live: dict[str, _Live] = {}
-        self.stats = {"drafts": 0, "drafted_tokens": 0, "accepted_draft_tokens": 0, "steps": 0}
+        self.stats = {
+            "drafts": 0,
+            "drafted_tokens": 0,
+            "accepted_draft_tokens": 0,
+            "steps": 0,
+            "queue_expired": 0,  # requests ended by the queue-time bound
+        }
         self.rates = StepRates()  # measured step time and prefill rate, for the routers' cost
 
     # -- requests ---------------------------------------------------------------------------
@@ -98,6 +106,7 @@ class Engine:
             detok=IncrementalDetokenizer(self.tokenizer),
             stops=StopStringMatcher(p.stop),
             num_prompt=len(request.prompt_token_ids),
+            added_s=time.monotonic() - max(0.0, time.time() - request.arrival_s),
         )
 
     def abort(self, request_id: str) -> None:
@@ -130,6 +139,7 @@ class Engine:
     # -- the loop ---------------------------------------------------------------------------
     def step(self) -> list[Chunk]:
         started = time.monotonic()
+        expired = self._expire_waiting(started)
         plan = self.scheduler.schedule()
         now = time.monotonic()
         for s in plan.scheduled:
@@ -145,13 +155,13 @@ class Engine:
             chunks = [c for u in updates if (c := self._on_update(u, None)) is not None]
             if isinstance(e, ExpertsUnavailable):  # transient: the same request may succeed again
                 chunks = [replace(c, retry_after_s=EXPERTS_RETRY_AFTER_S) for c in chunks]
-            return chunks
+            return expired + chunks
         for s in plan.scheduled:
             self.stats["drafted_tokens"] += len(s.draft_token_ids)
             self.stats["drafts"] += bool(s.draft_token_ids)
         self.stats["steps"] += 1
         extras = {o.request_id: o.extras for o in output.seqs}
-        chunks = []
+        chunks = expired
         for update in self.scheduler.update(plan, output):
             chunk = self._on_update(update, extras.get(update.request_id))
             if chunk is not None:
@@ -163,6 +173,36 @@ class Engine:
             ended = time.monotonic()
             prefill_tokens = sum(len(s.token_ids) for s in plan.scheduled if s.is_prefill_chunk)
             self.rates.record(ended, ended - started, prefill_tokens)
+        return chunks
+
+    def _expire_waiting(self, now: float) -> list[Chunk]:
+        """Requests not yet started `max_queue_wait_s` after their arrival end with a retriable
+        error, so an overloaded replica answers 503 + Retry-After within a stated time instead of
+        a first token minutes later. A preempted request has streamed already and is never cut.
+        (Wall-clock dependent: tensor-parallel ranks would each decide alone; TP is not served.)"""
+        bound = self.config.max_queue_wait_s
+        if bound is None:
+            return []
+        chunks = []
+        for request_id in self.scheduler.waiting_ids():
+            live = self._live[request_id]
+            waited = now - live.added_s
+            if waited <= bound or not self.scheduler.drop_waiting(request_id):
+                continue
+            del self._live[request_id]
+            self.stats["queue_expired"] += 1
+            chunks.append(
+                Chunk(
+                    request_id,
+                    [],
+                    "",
+                    "error",
+                    Usage(live.num_prompt, 0, 0, waited),
+                    error=f"not started within max_queue_wait_s={bound:g} s of arrival (waited "
+                    f"{waited:.1f} s): the replica is overloaded",
+                    retry_after_s=QUEUE_RETRY_AFTER_S,
+                )
+            )
         return chunks
 
     def _on_update(self, update: RequestUpdate, extras: object) -> Chunk | None:

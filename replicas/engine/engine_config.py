@@ -35,6 +35,11 @@ class EngineConfig:
     # 1.67x at 1 sequence, 1.46/1.54/1.26/1.21/1.05x at 2/3/4/6/8 and lost at 32 (0.86x).
     max_draft_batch: int | None = None
     enable_prefix_cache: bool = True
+    # A request not yet scheduled this long after it reached the API (`GenerateRequest.arrival_s`)
+    # ends with a retriable error (the API's 503 + Retry-After). Prefill does not count: a request
+    # is safe once started. None here, so an offline batch (`Engine.generate`) runs every request;
+    # the served default is `cluster.spec.EngineSpec.max_queue_wait_s`.
+    max_queue_wait_s: float | None = None
     kv_dtype_bytes: int = 4  # the runner keeps K/V in the model's dtype (fp32 here)
 
     def validate(self, model: MiMoConfig, checkpoint: str | Path | None = None) -> None:
@@ -47,6 +52,8 @@ class EngineConfig:
             raise ValueError(f"engine.num_mtp_drafts={self.num_mtp_drafts} but {shortfall}")
         if self.long_prefill_chunk < 0:
             raise ValueError(f"long_prefill_chunk must be >= 0, got {self.long_prefill_chunk}")
+        if self.max_queue_wait_s is not None and self.max_queue_wait_s <= 0:
+            raise ValueError(f"max_queue_wait_s must be > 0 or None, got {self.max_queue_wait_s}")
         if self.max_draft_batch is not None and self.max_draft_batch < 1:
             raise ValueError(f"max_draft_batch must be >= 1 or None, got {self.max_draft_batch}")
 

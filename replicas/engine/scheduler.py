@@ -157,6 +157,15 @@ class Scheduler:
             self._finish(state, "abort")
         return True
 
+    def drop_waiting(self, request_id: str) -> bool:
+        """Finish a request that has never run (waiting, not preempted) with "error"; False if it
+        has run or is gone. The caller reports why (the engine's queue-time bound)."""
+        state = self._requests.get(request_id)
+        if state is None or state.status is not RequestStatus.WAITING:
+            return False
+        self._finish(state, "error")
+        return True
+
     def schedule(self) -> StepPlan:
         config = self.config
         running = sorted(self._running, key=lambda s: s.sort_key)

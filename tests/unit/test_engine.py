@@ -234,6 +234,49 @@ def test_a_step_failed_by_the_expert_path_is_retriable_and_a_bug_is_not(
         assert chunk.finish_reason == "error" and (chunk.retry_after_s is not None) == retriable
 
 
+def test_a_request_not_started_within_max_queue_wait_is_refused_retriably() -> None:
+    """Catches the queue-time bound cutting a request that already started (running or
+    preempted), counting from the replica instead of the API arrival, or ending it silently."""
+    import time
+
+    from replicas.engine.engine import QUEUE_RETRY_AFTER_S
+
+    config = EngineConfig(block_size=4, max_model_len=200, max_num_seqs=1, max_queue_wait_s=0.5)
+    engine = Engine(_model(), _tokenizer(), config)
+    engine.add(GenerateRequest("runs", [5, 6, 7], _greedy()))
+    stale = GenerateRequest("stale", [8, 9], _greedy(), arrival_s=time.time() - 2.0)
+    engine.add(stale)  # reached the API 2 s ago: past the bound before its first step here
+    engine.add(GenerateRequest("waits", [5, 6, 7, 8], _greedy()))  # queued behind "runs", in time
+    first = engine.step()
+    [refused] = [c for c in first if c.request_id == "stale"]
+    assert refused.finish_reason == "error" and refused.retry_after_s == QUEUE_RETRY_AFTER_S
+    assert refused.error is not None and "max_queue_wait_s" in refused.error
+    assert refused.usage is not None and refused.usage.queue_s >= 2.0
+    assert engine.stats["queue_expired"] == 1
+    assert "stale" not in engine.scheduler.waiting_ids()
+    out: dict[str, list[int]] = {"runs": [], "waits": []}
+    for c in first:
+        if c.request_id != "stale":
+            out[c.request_id] += c.token_ids
+    while engine.has_work():
+        for c in engine.step():
+            assert c.error is None, c.error
+            out[c.request_id] += c.token_ids
+    assert out == {"runs": _reference((5, 6, 7)), "waits": _reference((5, 6, 7, 8))}
+
+    # once started, a request is never cut, however long it then waits (here: preempted)
+    engine = Engine(_model(), _tokenizer(), config)
+    engine.add(GenerateRequest("started", [5, 6, 7], _greedy()))
+    tokens = [t for c in engine.step() for t in c.token_ids]
+    engine.scheduler._preempt(engine.scheduler._running[0])  # waiting again, as under KV pressure
+    engine._live["started"].added_s -= 10.0  # and long past the bound
+    while engine.has_work():
+        for c in engine.step():
+            assert c.error is None, c.error
+            tokens += c.token_ids
+    assert engine.stats["queue_expired"] == 0 and tokens == _reference((5, 6, 7))
+
+
 def test_stop_strings_wait_for_min_tokens() -> None:
     """Catches a stop string ending a request before min_tokens tokens were generated."""
     engine = Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200))

@@ -345,3 +345,37 @@ def test_overload_is_a_fast_503_with_retry_after(tiny: tuple[object, Tokenizer])
                 assert second.status_code == 503 and int(second.headers["retry-after"]) >= 1
         finally:
             srv.stop()
+
+
+def test_a_request_queued_past_max_queue_wait_is_a_503_with_retry_after(
+    tiny: tuple[object, Tokenizer],
+) -> None:
+    """Catches the engine's queue-time bound ending a request silently, as a 200 stream with an
+    error inside, as a 500, or without Retry-After (streamed and not)."""
+    model, tokenizer = tiny
+    config = EngineConfig(kv_cache_bytes=64 * 2**20, max_model_len=1024, max_num_seqs=1, max_queue_wait_s=0.5)
+    engine = Engine(model, tokenizer, config)  # type: ignore[arg-type]
+    srv = LocalServer.start(
+        AsyncEngine(engine), tokenizer, GatewayConfig(served_model_name=MODEL, max_model_len=1024)
+    )
+    try:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Write a story."}],
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with (
+            httpx.Client(timeout=60) as http,
+            http.stream("POST", f"{srv.url}/chat/completions", json=body) as running,
+        ):
+            assert running.status_code == 200  # holds the one sequence slot
+            for stream in (False, True):
+                queued = http.post(f"{srv.url}/chat/completions", json={**body, "stream": stream})
+                assert queued.status_code == 503 and queued.headers["retry-after"] == "2"
+                error = queued.json()["error"]
+                assert "max_queue_wait_s" in error["message"], error
+            assert engine.stats["queue_expired"] == 2
+    finally:
+        srv.stop()

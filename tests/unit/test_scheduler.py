@@ -474,3 +474,22 @@ def test_random_runs_match_full_recompute(scenario: dict[str, object]) -> None:
             assert got == expected[: len(got)] and len(reasons) <= 1
     usage = kv.usage()
     assert usage["full"].num_used == 0 and usage["swa"].num_used == 0
+
+
+def test_drop_waiting_takes_only_requests_that_never_ran() -> None:
+    """Catches the queue-time bound dropping a running or preempted request (its client has
+    tokens already) or leaving a dropped one queued."""
+    scheduler = make(num_full=5, num_swa=16, max_num_seqs=1, budget=16, chunk=8)
+    scheduler.add(request("queued", [70, 71, 72], max_tokens=10))
+    scheduler.add(request("preempted", [80, 81, 82], max_tokens=10, priority=-1))
+    plan = scheduler.schedule()  # "preempted" (priority -1) runs first
+    assert [s.request_id for s in plan.scheduled] == ["preempted"]
+    scheduler.update(plan, StepOutput([SeqOutput("preempted", [90])]))
+    scheduler._preempt(scheduler._running[0])
+    assert not scheduler.drop_waiting("preempted")
+    plan = scheduler.schedule()
+    scheduler.update(plan, StepOutput([SeqOutput(s.request_id, [91]) for s in plan.scheduled]))
+    assert not scheduler.drop_waiting("preempted")  # running again
+    assert scheduler.drop_waiting("queued") and not scheduler.drop_waiting("queued")
+    assert "queued" not in scheduler.waiting_ids()
+    assert "queued" in scheduler.schedule().finished_ids
