@@ -183,8 +183,13 @@ class AttentionDeployment:
             await asyncio.to_thread(self.switch.apply, update)
 
     def check_health(self) -> None:
+        """Serve replaces a replica that fails this: its engine thread stopped, or every engine
+        step has failed for a while (`replicas.engine.step_failures`): alive but serving nothing."""
         if not self.engine.is_alive():
             raise RuntimeError("engine thread stopped")
+        stuck = self.engine.snapshot().stuck_reason
+        if stuck is not None:
+            raise RuntimeError(stuck)
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

@@ -37,6 +37,7 @@ class EngineSnapshot:
     num_preemptions: int
     step_s: float | None = None  # mean recent step time (replicas.engine.step_rates); None: no step yet
     prefill_tokens_per_s: float | None = None  # recent prefill rate; None: no prefill yet
+    stuck_reason: str | None = None  # set while the engine keeps failing (replicas.engine.step_failures)
 
 
 @dataclass
@@ -174,6 +175,7 @@ class AsyncEngine:
             num_preemptions=self.engine.scheduler.num_preemptions_total,
             step_s=self.engine.rates.step_s,
             prefill_tokens_per_s=self.engine.rates.prefill_tokens_per_s,
+            stuck_reason=self.engine.failures.stuck_reason(),
         )
 
     def _drain_commands(self) -> None:

@@ -24,6 +24,7 @@ from replicas.engine.requests import EngineRequest, RequestUpdate
 from replicas.engine.runner import ModelRunner
 from replicas.engine.sampler import RowState
 from replicas.engine.scheduler import Scheduler
+from replicas.engine.step_failures import FailureRun
 from replicas.engine.step_rates import StepRates
 from replicas.engine.stop_strings import StopStringMatcher
 from replicas.experts.dispatch import ExpertDispatcher, ExpertsUnavailable
@@ -84,6 +85,7 @@ class Engine:
             "queue_expired": 0,  # requests ended by the queue-time bound
         }
         self.rates = StepRates()  # measured step time and prefill rate, for the routers' cost
+        self.failures = FailureRun()  # failed steps since the last good one: the replica's health
 
     # -- requests ---------------------------------------------------------------------------
     def add(self, request: GenerateRequest) -> None:
@@ -151,15 +153,20 @@ class Engine:
         try:
             output = self.runner.execute(plan, rows, tokens)
         except Exception as e:  # a failed forward fails its requests, not the engine
-            updates = self.scheduler.fail_step(plan, f"engine step failed: {type(e).__name__}: {e}")
+            message = f"engine step failed: {type(e).__name__}: {e}"
+            updates = self.scheduler.fail_step(plan, message)
             chunks = [c for u in updates if (c := self._on_update(u, None)) is not None]
             if isinstance(e, ExpertsUnavailable):  # transient: the same request may succeed again
                 chunks = [replace(c, retry_after_s=EXPERTS_RETRY_AFTER_S) for c in chunks]
+            else:  # this replica's own failure
+                self.failures.failed(time.monotonic(), message)
             return expired + chunks
         for s in plan.scheduled:
             self.stats["drafted_tokens"] += len(s.draft_token_ids)
             self.stats["drafts"] += bool(s.draft_token_ids)
         self.stats["steps"] += 1
+        if plan.scheduled:
+            self.failures.succeeded()
         extras = {o.request_id: o.extras for o in output.seqs}
         chunks = expired
         for update in self.scheduler.update(plan, output):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 
@@ -156,3 +157,34 @@ def test_paced_stream_sends_the_finishing_chunk_without_waiting() -> None:
     assert len(chunks) <= 2  # the first token (alone, unless the consumer lagged), then the rest
     assert chunks[-1].finish_reason is not None
     assert elapsed < interval / 2
+
+
+def test_a_replica_whose_every_step_fails_reports_unhealthy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches a replica that fails every request while its health check (engine thread alive)
+    keeps passing, so Serve never replaces it."""
+    from types import SimpleNamespace
+
+    from cluster.serving.attention_deployment import AttentionDeployment
+    from replicas.engine import step_failures
+
+    monkeypatch.setattr(step_failures, "MIN_SPAN_S", 0.0)
+    engine = _engine()
+    replica = SimpleNamespace(engine=engine)
+    AttentionDeployment.check_health(replica)  # type: ignore[arg-type]
+    monkeypatch.setattr(
+        engine.engine.runner, "execute", lambda *a: (_ for _ in ()).throw(RuntimeError("xid"))
+    )
+
+    async def fail_one(rid: str) -> Chunk:
+        chunks = [c async for c in await engine.submit(GenerateRequest(rid, [5, 6, 7], _greedy()))]
+        return chunks[-1]
+
+    for k in range(step_failures.MIN_FAILED_STEPS):
+        last = asyncio.run(fail_one(f"r{k}"))
+        assert last.finish_reason == "error"
+    deadline = time.monotonic() + 10  # the snapshot is published just after the chunks go out
+    with pytest.raises(RuntimeError, match="xid"):
+        while time.monotonic() < deadline:
+            AttentionDeployment.check_health(replica)  # type: ignore[arg-type]
+            time.sleep(0.05)
+    engine.shutdown()

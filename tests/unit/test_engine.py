@@ -277,6 +277,25 @@ def test_a_request_not_started_within_max_queue_wait_is_refused_retriably() -> N
     assert engine.stats["queue_expired"] == 0 and tokens == _reference((5, 6, 7))
 
 
+def test_only_the_replicas_own_step_failures_count_toward_its_health(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Catches a good step not clearing the failure run (a recovered replica replaced anyway), or
+    lost expert shards counted against the attention replica (the whole group replaced)."""
+    from replicas.experts.dispatch import ExpertsUnavailable
+
+    engine = Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200))
+    real = engine.runner.execute
+    for k, error in enumerate([RuntimeError("boom"), RuntimeError("boom"), ExpertsUnavailable("gone")]):
+        engine.add(GenerateRequest(f"r{k}", [5, 6, 7], _greedy()))
+        monkeypatch.setattr(engine.runner, "execute", lambda *a, e=error: (_ for _ in ()).throw(e))
+        engine.step()
+    assert engine.failures.num_steps == 2 and "boom" in engine.failures.last_error
+    monkeypatch.setattr(engine.runner, "execute", real)
+    engine.generate([GenerateRequest("fine", [5, 6, 7], _greedy())])
+    assert engine.failures.num_steps == 0
+
+
 def test_stop_strings_wait_for_min_tokens() -> None:
     """Catches a stop string ending a request before min_tokens tokens were generated."""
     engine = Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200))
