@@ -112,7 +112,8 @@ class Engine:
         )
 
     def abort(self, request_id: str) -> None:
-        if request_id in self._live:
+        """Ends a request whose client has gone: no final chunk, and nothing of it is kept."""
+        if self._live.pop(request_id, None) is not None:
             self.scheduler.abort(request_id)
 
     def has_work(self) -> bool:

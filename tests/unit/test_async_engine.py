@@ -22,8 +22,9 @@ def _engine() -> AsyncEngine:
     return AsyncEngine(Engine(_model(), _tokenizer(), EngineConfig(block_size=4, max_model_len=200)))
 
 
-def test_concurrent_streams_match_and_cancel_frees_blocks() -> None:
-    """Catches streams crossing requests, and a cancelled stream leaking its KV blocks."""
+def test_concurrent_streams_match_and_cancel_frees_everything() -> None:
+    """Catches streams crossing requests, and a cancelled stream leaking its KV blocks or its engine
+    state (a leak of every cancelled request: the soak's RSS creep)."""
     engine = _engine()
 
     async def collect(rid: str, prompt: list[int]) -> list[int]:
@@ -50,6 +51,7 @@ def test_concurrent_streams_match_and_cancel_frees_blocks() -> None:
                 break
             asyncio.run(asyncio.sleep(0.05))
         assert engine.engine.kv_cache.usage()["full"].num_used == 0
+        assert not engine.engine._live  # a cancelled request leaves nothing behind (it leaked once)
     finally:
         engine.shutdown()
 
