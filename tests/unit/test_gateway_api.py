@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 import openai
@@ -34,9 +35,20 @@ def tiny() -> tuple[object, Tokenizer]:
     return load_model(TINY), Tokenizer.from_dir(TINY)
 
 
-def _engine(tiny: tuple[object, Tokenizer]) -> Engine:
+def _engine(tiny: tuple[object, Tokenizer], **config: Any) -> Engine:
     model, tokenizer = tiny
-    return Engine(model, tokenizer, EngineConfig(kv_cache_bytes=64 * 2**20, max_model_len=1024))  # type: ignore[arg-type]
+    return Engine(model, tokenizer, EngineConfig(kv_cache_bytes=64 * 2**20, max_model_len=1024, **config))  # type: ignore[arg-type]
+
+
+def _story(max_tokens: int, **extra: object) -> dict[str, object]:
+    """A streamed chat request long enough to hold its sequence slot while a test sends another."""
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a story."}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -330,12 +342,7 @@ def test_overload_is_a_fast_503_with_retry_after(tiny: tuple[object, Tokenizer])
     ]:
         srv = LocalServer.start(AsyncEngine(_engine(tiny)), tiny[1], config, max_streams=max_streams)
         try:
-            body = {
-                "model": MODEL,
-                "messages": [{"role": "user", "content": "Write a story."}],
-                "max_tokens": 300,
-                "stream": True,
-            }
+            body = _story(300)
             with (
                 httpx.Client(timeout=60) as http,
                 http.stream("POST", f"{srv.url}/chat/completions", json=body) as first,
@@ -352,20 +359,12 @@ def test_a_request_queued_past_max_queue_wait_is_a_503_with_retry_after(
 ) -> None:
     """Catches the engine's queue-time bound ending a request silently, as a 200 stream with an
     error inside, as a 500, or without Retry-After (streamed and not)."""
-    model, tokenizer = tiny
-    config = EngineConfig(kv_cache_bytes=64 * 2**20, max_model_len=1024, max_num_seqs=1, max_queue_wait_s=0.5)
-    engine = Engine(model, tokenizer, config)  # type: ignore[arg-type]
+    engine = _engine(tiny, max_num_seqs=1, max_queue_wait_s=0.5)
     srv = LocalServer.start(
-        AsyncEngine(engine), tokenizer, GatewayConfig(served_model_name=MODEL, max_model_len=1024)
+        AsyncEngine(engine), tiny[1], GatewayConfig(served_model_name=MODEL, max_model_len=1024)
     )
     try:
-        body = {
-            "model": MODEL,
-            "messages": [{"role": "user", "content": "Write a story."}],
-            "max_tokens": 400,
-            "ignore_eos": True,
-            "stream": True,
-        }
+        body = _story(400, ignore_eos=True)
         with (
             httpx.Client(timeout=60) as http,
             http.stream("POST", f"{srv.url}/chat/completions", json=body) as running,
